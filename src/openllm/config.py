@@ -1,0 +1,318 @@
+"""Typed, validated configuration loaded from ``params.yaml``.
+
+``params.yaml`` is the only place values live. This module is the only code that reads it:
+everything else receives a :class:`Params` object (or one of its sections). Every field is
+checked up front, so a bad value fails with a message that names the field, the value and
+what is allowed, before any stage writes or deletes a file.
+"""
+
+from __future__ import annotations
+
+from .errors import OpenLLMError
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+# Where each stage writes (relative to the repository root). dvc.yaml names the same paths.
+RAW_DIR = Path("data/raw")
+TOKENIZED_DIR = Path("data/tokenized")
+CHECKPOINTS_DIR = Path("models/checkpoints")
+EXPORT_DIR = Path("models/export")
+METRICS_DIR = Path("metrics")
+
+
+class ConfigError(OpenLLMError, ValueError):
+    """A params.yaml value (or a combination of values) is not allowed."""
+
+
+class Section(BaseModel):
+    # Unknown keys are errors: a typo such as `train.lerning_rate` must not be silently ignored.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class HFSource(Section):
+    """A Hugging Face hub dataset (or one saved locally with ``save_to_disk``)."""
+
+    dataset: str | None = Field(None, description="hub id (e.g. 'wikitext') or a local directory")
+    config: str | None = Field(None, description="dataset configuration, e.g. 'wikitext-103-raw-v1'")
+    split: str = "train"
+    validation_split: str | None = Field(
+        "validation", description="the dataset's own validation split; null = hash split"
+    )
+    text_column: str = "text"
+    revision: str | None = None
+    streaming: bool = False
+    max_documents: int | None = Field(None, gt=0, description="cap on training documents")
+    max_bytes: int | None = Field(None, gt=0, description="cap on training text, UTF-8 bytes")
+    deduplicate: bool = Field(False, description="drop repeated documents (SQuAD contexts)")
+
+
+class FilesSource(Section):
+    """Local ``.txt``, ``.md`` (one document per file) or ``.jsonl`` (one per line) files."""
+
+    glob: str | None = None
+    jsonl_text_key: str = "text"
+
+
+class DataConfig(Section):
+    source: Literal["shakespeare", "hf", "files"] = "shakespeare"
+    validation_fraction: float = Field(0.1, gt=0.0, lt=0.5)
+    hf: HFSource = HFSource()
+    files: FilesSource = FilesSource()
+
+    @model_validator(mode="after")
+    def _source_is_configured(self) -> "DataConfig":
+        if self.source == "hf" and not self.hf.dataset:
+            raise ValueError("data.source=hf needs data.hf.dataset (a hub id or a local directory)")
+        if self.source == "files" and not self.files.glob:
+            raise ValueError("data.source=files needs data.files.glob (e.g. 'corpus/*.txt')")
+        return self
+
+
+class TokenizerConfig(Section):
+    vocab_size: int = Field(4096, ge=300, le=262_144)
+    model_type: Literal["bpe", "unigram"] = "bpe"
+    training_sentences: int = Field(
+        2_000_000, gt=0, description="lines sampled to train SentencePiece (bounds its memory)"
+    )
+    chunk_bytes: int = Field(1 << 20, gt=0, description="text per encoding task, bytes")
+    workers: int = Field(0, ge=0, description="encoding processes; 0 = one per CPU core")
+
+
+# Presets fix the shape of the network; the vocabulary comes from the tokenizer.
+MODEL_PRESETS: dict[str, dict[str, int]] = {
+    # ~5.9M parameters with a 4,096 vocabulary: trains on 2 CPU cores in minutes.
+    "tiny": dict(n_layer=6, n_head=8, n_embd=256, intermediate_size=704, context_length=256),
+    # The seed's model: ~35.8M parameters with a 32,000 vocabulary.
+    "small": dict(n_layer=6, n_head=8, n_embd=512, intermediate_size=1408, context_length=1024),
+}
+
+
+class ModelConfig(Section):
+    """A preset plus optional per-field overrides (null = take the preset's value)."""
+
+    preset: Literal["tiny", "small"] = "tiny"
+    n_layer: int | None = Field(None, gt=0)
+    n_head: int | None = Field(None, gt=0)
+    n_embd: int | None = Field(None, gt=0)
+    intermediate_size: int | None = Field(None, gt=0)
+    context_length: int | None = Field(None, gt=1)
+    rope_theta: float = Field(10_000.0, gt=0)
+
+    def resolved(self) -> dict[str, int]:
+        """The preset with overrides applied (without vocab_size)."""
+        shape = dict(MODEL_PRESETS[self.preset])
+        for key in shape:
+            value = getattr(self, key)
+            if value is not None:
+                shape[key] = value
+        return shape
+
+    @model_validator(mode="after")
+    def _shape_is_consistent(self) -> "ModelConfig":
+        s = self.resolved()
+        if s["n_embd"] % s["n_head"]:
+            raise ValueError(
+                f"model.n_embd={s['n_embd']} must be divisible by model.n_head={s['n_head']}"
+            )
+        if (s["n_embd"] // s["n_head"]) % 2:
+            raise ValueError(
+                f"model.n_embd/model.n_head={s['n_embd'] // s['n_head']} (head size) must be even "
+                "for rotary position embeddings"
+            )
+        return self
+
+
+class TrainConfig(Section):
+    max_steps: int = Field(600, gt=0, description="optimizer steps")
+    checkpoint_steps: list[int] = Field(
+        [100, 200, 400, 600], min_length=1, description="steps at which a checkpoint is kept"
+    )
+    batch_size: int = Field(16, gt=0, description="sequences per optimizer step (global)")
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    learning_rate: float = Field(2e-3, gt=0, le=1.0)
+    min_learning_rate: float = Field(2e-4, ge=0)
+    warmup_steps: int = Field(50, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    grad_clip: float = Field(1.0, ge=0, description="max gradient norm; 0 = off")
+    eval_interval: int = Field(100, gt=0, description="steps between validation evaluations")
+    eval_batches: int = Field(8, gt=0, description="validation batches per evaluation")
+    early_stopping_patience: int = Field(
+        0, ge=0, description="evaluations without improvement before stopping; 0 = off"
+    )
+    max_nonfinite_batches: int = Field(
+        0, ge=0, description="non-finite losses skipped in a row before stopping; 0 = stop at once"
+    )
+    resume_interval: int = Field(50, gt=0, description="steps between resumable state saves")
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    compile: Literal["auto", "true", "false"] = "auto"
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
+    gradient_checkpointing: bool = False
+    seed: int = 1337
+    sample_tokens: int = Field(48, ge=0, description="tokens sampled at each evaluation")
+
+    @model_validator(mode="after")
+    def _steps_are_consistent(self) -> "TrainConfig":
+        steps = self.checkpoint_steps
+        if any(s <= 0 for s in steps):
+            raise ValueError(f"train.checkpoint_steps={steps} must all be positive")
+        if steps != sorted(set(steps)):
+            raise ValueError(f"train.checkpoint_steps={steps} must be increasing, without repeats")
+        if steps[-1] > self.max_steps:
+            raise ValueError(
+                f"train.checkpoint_steps={steps} has a step beyond train.max_steps={self.max_steps}"
+            )
+        if self.min_learning_rate > self.learning_rate:
+            raise ValueError(
+                f"train.min_learning_rate={self.min_learning_rate} must not exceed "
+                f"train.learning_rate={self.learning_rate}"
+            )
+        if self.warmup_steps >= self.max_steps:
+            raise ValueError(
+                f"train.warmup_steps={self.warmup_steps} must be below train.max_steps={self.max_steps}"
+            )
+        if self.batch_size % self.gradient_accumulation_steps:
+            raise ValueError(
+                f"train.batch_size={self.batch_size} must be divisible by "
+                f"train.gradient_accumulation_steps={self.gradient_accumulation_steps}"
+            )
+        return self
+
+
+class SamplingConfig(Section):
+    temperature: float = Field(0.8, ge=0, le=5, description="0 = greedy")
+    top_k: int = Field(50, ge=0, description="0 = off")
+    top_p: float = Field(0.95, gt=0, le=1)
+    max_new_tokens: int = Field(64, gt=0, le=4096)
+    seed: int = 0
+
+
+class EvaluateConfig(Section):
+    batch_size: int = Field(8, gt=0, description="windows per forward pass")
+    prompts: list[str] = Field(
+        ["ROMEO:\n", "To be, or not to be", "KING HENRY V:\nOnce more"], min_length=1
+    )
+    sampling: SamplingConfig = SamplingConfig()
+
+    @model_validator(mode="after")
+    def _prompts_not_empty(self) -> "EvaluateConfig":
+        for i, prompt in enumerate(self.prompts):
+            if not prompt.strip():
+                raise ValueError(f"evaluate.prompts[{i}] is empty")
+        return self
+
+
+class ExportConfig(Section):
+    opset: int = Field(18, ge=17, le=23)
+    quantize: bool = Field(True, description="also write an int8 model (dynamic quantisation)")
+    huggingface: bool = Field(True, description="also write a Hugging Face transformers folder")
+    register_model: bool = Field(True, description="log and register the ONNX model in MLflow")
+
+
+class MlflowConfig(Section):
+    experiment: str = Field("openllm", min_length=1)
+    registered_model: str = Field("openllm", min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+
+
+class PipelineConfig(Section):
+    cron: str = Field("0 3 * * *", description="when the scheduled deployment retrains")
+    timezone: str = "UTC"
+    retries: int = Field(2, ge=0, le=10)
+    retry_delay_seconds: int = Field(10, ge=0)
+
+    @model_validator(mode="after")
+    def _cron_has_five_fields(self) -> "PipelineConfig":
+        if len(self.cron.split()) != 5:
+            raise ValueError(f"pipeline.cron={self.cron!r} must have 5 fields (min hour day month weekday)")
+        return self
+
+
+class ServeConfig(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    max_prompt_tokens: int = Field(1024, gt=0)
+    max_tokens: int = Field(512, gt=0, description="largest max_tokens a request may ask for")
+    max_body_bytes: int = Field(65536, gt=0)
+    max_n: int = Field(4, gt=0)
+    max_concurrent: int = Field(4, gt=0, description="generations at once; more get 429")
+    request_timeout_seconds: float = Field(60.0, gt=0)
+
+
+class Params(Section):
+    data: DataConfig = DataConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    export: ExportConfig = ExportConfig()
+    mlflow: MlflowConfig = MlflowConfig()
+    pipeline: PipelineConfig = PipelineConfig()
+    serve: ServeConfig = ServeConfig()
+
+    @model_validator(mode="after")
+    def _model_fits_tokenizer(self) -> "Params":
+        if self.model.resolved()["context_length"] < 2:
+            raise ValueError("model.context_length must be at least 2")
+        return self
+
+    def section_hash(self, *names: str, exclude: tuple[str, ...] = ()) -> str:
+        """sha256 of the named sections (dotted keys in ``exclude`` left out)."""
+        data = {name: getattr(self, name).model_dump() for name in names}
+        for dotted in exclude:
+            section, key = dotted.split(".", 1)
+            data[section].pop(key, None)
+        blob = json.dumps(data, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+
+def _describe(error: dict[str, Any]) -> str:
+    """One readable line for one pydantic error: the dotted field, its value, the rule."""
+    path = ".".join(str(p) for p in error["loc"])
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        return f"unknown key '{path}' (check the spelling; see params.yaml's comments)"
+    if error["type"] == "missing":
+        return f"'{path}' is required"
+    if not path:  # a cross-field rule: its message already names the fields
+        return message
+    if message.startswith(path.split(".")[0] + ".") or message.startswith(path):
+        return message
+    return f"{path}={error.get('input')!r}: {message}"
+
+
+def parse_params(raw: Any, source: str = "params.yaml") -> Params:
+    """Validate an already-parsed YAML document."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        lines = [_describe(e) for e in exc.errors()]
+        raise ConfigError(f"{source}: " + "; ".join(lines)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate ``params.yaml``; raise :class:`ConfigError` with a readable message."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found (run from the repository root)") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        raise ConfigError(f"{path}: invalid YAML{at}: {getattr(exc, 'problem', exc)}") from None
+    return parse_params(raw, str(path))

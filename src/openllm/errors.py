@@ -1,0 +1,5 @@
+"""The one base class of every error that users should see as a message, not a traceback."""
+
+
+class OpenLLMError(Exception):
+    """A problem with the user's input, data or files; the CLI prints it as one line."""

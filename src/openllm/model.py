@@ -1,0 +1,356 @@
+"""A small decoder-only transformer in the Llama layout.
+
+Shape legend used in comments:
+    B = batch, T = new tokens in this call, T_past = cached tokens, S = T_past + T,
+    C = n_embd, H = n_head, D = head_dim = C // H, V = vocab_size, I = intermediate_size.
+
+The module names mirror Hugging Face ``LlamaForCausalLM`` one-to-one (see
+``hf_weight_names``), so exporting is a pure rename of the state dict.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import MISSING, asdict, dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# One (key, value) pair per layer, each (B, H, T_past, D).
+KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class GPTConfig:
+    """Hyper-parameters of the model. All fields are JSON-friendly."""
+
+    vocab_size: int
+    context_length: int  # max positions the model is trained for
+    n_layer: int
+    n_head: int
+    n_embd: int
+    intermediate_size: int  # SwiGLU hidden width
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "context_length", "n_layer", "n_head", "n_embd", "intermediate_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name}={value!r} must be a positive integer")
+        for name in ("rope_theta", "norm_eps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{name}={value!r} must be a positive number")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        if self.head_dim % 2 != 0:
+            raise ValueError(
+                f"head_dim=n_embd/n_head={self.head_dim} must be even (rotary embeddings rotate pairs)"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        """Width D of one attention head."""
+        return self.n_embd // self.n_head
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of all fields (round-trips through JSON)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GPTConfig:
+        """Build a config from a dict, rejecting unknown or missing keys with a ValueError."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown GPTConfig key(s) {unknown}; allowed keys are {sorted(known)}")
+        required = {f.name for f in fields(cls) if f.default is MISSING}  # fields without a default
+        missing = sorted(required - set(d))
+        if missing:
+            raise ValueError(f"missing GPTConfig key(s) {missing}")
+        return cls(**d)
+
+
+def hf_weight_names(n_layer: int) -> dict[str, str]:
+    """Map our state-dict names to Hugging Face ``LlamaForCausalLM`` names.
+
+    ``lm_head.weight`` and ``tok_embeddings.weight`` are the same tensor (tied);
+    both names are listed because both appear in ``state_dict()``.
+    """
+    names = {"tok_embeddings.weight": "model.embed_tokens.weight"}
+    for i in range(n_layer):
+        ours, hf = f"layers.{i}", f"model.layers.{i}"
+        names[f"{ours}.attn_norm.weight"] = f"{hf}.input_layernorm.weight"
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            names[f"{ours}.attn.{proj}.weight"] = f"{hf}.self_attn.{proj}.weight"
+        names[f"{ours}.mlp_norm.weight"] = f"{hf}.post_attention_layernorm.weight"
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            names[f"{ours}.mlp.{proj}.weight"] = f"{hf}.mlp.{proj}.weight"
+    names["norm.weight"] = "model.norm.weight"
+    names["lm_head.weight"] = "lm_head.weight"
+    return names
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a learned scale, no bias, no mean-centring."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Compute in float32: squaring bf16/fp16 activations overflows or loses precision.
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)  # same op order as HF Llama
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (-x2, x1) on the two halves of the last dim (HF Llama convention)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rotary_cos_sin(
+    position_ids: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables for positions (B, T) -> each (B, 1, T, D), broadcast over heads."""
+    # Computed from the positions on every call (no precomputed cache), so export
+    # sees no Python-int-sized tables and any position value works.
+    freqs = position_ids[..., None].float() * inv_freq.float()  # (B, T, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, D)
+    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+class Attention(nn.Module):
+    """Multi-head causal self-attention with rotary positions and a KV cache."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        self.o_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, T, C)
+        cos: torch.Tensor,  # (B, 1, T, D)
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,  # bool (B or 1, 1, T, S), True = may attend
+        past: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        B, T, C = x.shape
+        # (B, T, C) -> (B, H, T, D)
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if past is not None:  # append the new positions to the cache: (B, H, S, D)
+            k = torch.cat((past[0], k), dim=2)
+            v = torch.cat((past[1], v), dim=2)
+        # mask None means "plain causal, no past": let SDPA use its fused causal path.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, H, T, D) -> (B, T, C)
+        return self.o_proj(y), (k, v)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # (B, T, C)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, T, C)
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        past: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        h, present = self.attn(self.attn_norm(x), cos, sin, mask, past)
+        x = x + h
+        x = x + self.mlp(self.mlp_norm(x))
+        return x, present
+
+
+def build_attention_mask(
+    T: int, T_past: int, attention_mask: torch.Tensor | None, device: torch.device
+) -> torch.Tensor:
+    """Boolean mask (B or 1, 1, T, S): causal, combined with a 1/0 padding mask (B, S)."""
+    q_pos = torch.arange(T, device=device)[:, None] + T_past  # (T, 1) absolute query positions
+    k_pos = torch.arange(T_past + T, device=device)[None, :]  # (1, S)
+    mask = k_pos <= q_pos  # (T, S): row i sees keys j <= T_past + i
+    if attention_mask is None:
+        return mask[None, None]
+    mask = mask[None, None] & attention_mask.bool()[:, None, None, :]  # (B, 1, T, S)
+    # A padding query has no visible key; an all-False row makes softmax NaN.
+    # Let every query see itself (a no-op for real tokens, which already do).
+    return mask | (k_pos == q_pos)
+
+
+class GPT(nn.Module):
+    """Llama-style language model with tied input embedding and output head."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.gradient_checkpointing: bool = False
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.n_embd)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.tok_embeddings.weight  # tie: both (V, C)
+        D = config.head_dim
+        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float) / D))  # (D/2,)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)  # derived, not a weight
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:
+                nn.init.normal_(p, mean=0.0, std=0.02)
+            else:
+                nn.init.ones_(p)  # RMSNorm scales
+        # GPT-2: each residual branch adds to the stream 2*n_layer times; shrink so the
+        # variance of the residual stream does not grow with depth.
+        std = 0.02 / math.sqrt(2 * self.config.n_layer)
+        for layer in self.layers:
+            nn.init.normal_(layer.attn.o_proj.weight, mean=0.0, std=std)
+            nn.init.normal_(layer.mlp.down_proj.weight, mean=0.0, std=std)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        past_key_values: KVCache | None = None,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        use_cache: bool = True,
+    ) -> tuple[torch.Tensor, KVCache | None]:
+        """Run the model on ``input_ids`` (B, T).
+
+        past_key_values: per-layer (key, value), each (B, H, T_past, D); T_past may be 0.
+        position_ids: (B, T); defaults to T_past .. T_past+T-1.
+        attention_mask: (B, T_past+T), 1 = real token, 0 = (left) padding.
+        Returns logits (B, T, V) in float32 and the updated cache (None if not use_cache).
+        """
+        B, T = input_ids.shape
+        T_past = 0 if past_key_values is None else past_key_values[0][0].shape[2]
+        if position_ids is None:
+            position_ids = torch.arange(T_past, T_past + T, device=input_ids.device)[None].expand(B, T)
+
+        x = self.tok_embeddings(input_ids)  # (B, T, C)
+        cos, sin = rotary_cos_sin(position_ids, self.inv_freq, x.dtype)  # (B, 1, T, D)
+        mask = None  # None -> SDPA is_causal fast path
+        if attention_mask is not None or past_key_values is not None:
+            mask = build_attention_mask(T, T_past, attention_mask, input_ids.device)
+
+        # Recompute activations in backward instead of storing them (training only).
+        ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        presents: KVCache = []
+        for i, layer in enumerate(self.layers):
+            past = None if past_key_values is None else past_key_values[i]
+            if ckpt and past is None:
+                x, kv = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x, kv = layer(x, cos, sin, mask, past)
+            presents.append(kv)
+
+        logits = self.lm_head(self.norm(x)).float()  # (B, T, V)
+        return logits, (presents if use_cache else None)
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Number of parameters; the tied embedding/head matrix is counted once."""
+        n = sum(p.numel() for p in self.parameters())  # parameters() de-duplicates tied tensors
+        if exclude_embeddings:
+            n -= self.tok_embeddings.weight.numel()
+        return n
+
+    def estimate_flops_per_token(self) -> int:
+        """Training FLOPs per token (forward + backward), PaLM / nanoGPT style.
+
+        6 * N for the matmuls, where N = non-embedding params + the head matmul (V*C;
+        the embedding lookup itself is free, but the tied head is a real matmul),
+        plus 12 * n_layer * n_embd * context_length for attention scores and values.
+        """
+        cfg = self.config
+        n = self.num_parameters(exclude_embeddings=True) + cfg.n_embd * cfg.vocab_size
+        return 6 * n + 12 * cfg.n_layer * cfg.n_embd * cfg.context_length
+
+    def configure_optimizer(
+        self,
+        weight_decay: float,
+        learning_rate: float,
+        betas: tuple[float, float],
+        fused: bool | None = None,
+    ) -> torch.optim.AdamW:
+        """AdamW with weight decay on matrices/embeddings (dim >= 2) and none on norms."""
+        params = [p for p in self.parameters() if p.requires_grad]  # tied weight appears once
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        if fused is None:  # the fused kernel is a free speed-up on GPU
+            fused = len(params) > 0 and all(p.is_cuda for p in params)
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Reference sampler with a KV cache: (B, T) -> (B, T + max_new_tokens).
+
+        temperature 0 means greedy (argmax); top_k keeps only the k most likely tokens.
+        """
+        total = input_ids.shape[1] + max_new_tokens
+        if total > self.config.context_length:
+            raise ValueError(f"prompt + max_new_tokens = {total} exceeds context_length={self.config.context_length}")
+        out = [input_ids]
+        logits, past = self(input_ids)  # prefill the whole prompt once
+        for step in range(max_new_tokens):
+            last = logits[:, -1, :]  # (B, V)
+            if temperature == 0:
+                next_id = last.argmax(dim=-1, keepdim=True)  # (B, 1)
+            else:
+                last = last / temperature
+                if top_k is not None:
+                    kth = torch.topk(last, min(top_k, last.shape[-1]), dim=-1).values[:, -1:]
+                    last = last.masked_fill(last < kth, float("-inf"))
+                next_id = torch.multinomial(F.softmax(last, dim=-1), 1, generator=generator)
+            out.append(next_id)
+            if step + 1 < max_new_tokens:  # feed only the new token; the cache holds the rest
+                logits, past = self(next_id, past_key_values=past)
+        return torch.cat(out, dim=1)

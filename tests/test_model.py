@@ -1,0 +1,244 @@
+"""Tests for openllm.model: KV cache, padding, parameter counts, HF equivalence."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from openllm.model import GPT, GPTConfig, hf_weight_names
+
+
+def tiny_config(**overrides) -> GPTConfig:
+    kw = dict(vocab_size=97, context_length=64, n_layer=2, n_head=4, n_embd=32, intermediate_size=64)
+    kw.update(overrides)
+    return GPTConfig(**kw)
+
+
+@pytest.fixture
+def model() -> GPT:
+    torch.manual_seed(0)
+    return GPT(tiny_config()).eval()
+
+
+def expected_params(c: GPTConfig) -> int:
+    per_layer = 2 * c.n_embd + 4 * c.n_embd * c.n_embd + 3 * c.n_embd * c.intermediate_size
+    return c.vocab_size * c.n_embd + c.n_layer * per_layer + c.n_embd  # embedding counted once
+
+
+# ---------------------------------------------------------------- KV cache
+
+
+def test_prefill_then_decode_matches_full_forward(model: GPT) -> None:
+    ids = torch.randint(0, 97, (2, 12))
+    full, present = model(ids)
+    assert full.shape == (2, 12, 97) and full.dtype == torch.float32
+    assert len(present) == 2 and present[0][0].shape == (2, 4, 12, 8)
+
+    logits, past = model(ids[:, :5])
+    steps = [logits]
+    for t in range(5, 12):
+        logits, past = model(ids[:, t : t + 1], past_key_values=past)
+        steps.append(logits)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
+    assert past[0][0].shape == (2, 4, 12, 8)
+
+
+def test_split_prefill_and_empty_past(model: GPT) -> None:
+    ids = torch.randint(0, 97, (2, 12))
+    full, _ = model(ids)
+    a, past = model(ids[:, :7])
+    b, _ = model(ids[:, 7:], past_key_values=past)
+    torch.testing.assert_close(torch.cat([a, b], dim=1), full, atol=1e-5, rtol=0)
+
+    empty = [(torch.zeros(2, 4, 0, 8), torch.zeros(2, 4, 0, 8)) for _ in range(2)]
+    c, _ = model(ids, past_key_values=empty)
+    torch.testing.assert_close(c, full, atol=1e-5, rtol=0)
+
+
+def test_use_cache_false_returns_none(model: GPT) -> None:
+    logits, present = model(torch.randint(0, 97, (1, 4)), use_cache=False)
+    assert present is None and logits.shape == (1, 4, 97)
+
+
+# ---------------------------------------------------------------- padding
+
+
+@pytest.mark.parametrize("explicit_positions", [True, False])
+def test_left_padding_matches_unpadded(model: GPT, explicit_positions: bool) -> None:
+    # Without explicit positions the pads shift absolute positions, but rotary
+    # attention depends only on relative distance, so the result is the same.
+    seqs = [torch.randint(0, 97, (5,)), torch.randint(0, 97, (8,))]
+    T = 8
+    ids = torch.zeros(2, T, dtype=torch.long)
+    mask = torch.zeros(2, T, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids[b, T - len(s) :] = s
+        mask[b, T - len(s) :] = 1
+    pos = (mask.cumsum(-1) - 1).clamp(min=0) if explicit_positions else None
+
+    logits, past = model(ids, attention_mask=mask, position_ids=pos)
+    assert not torch.isnan(logits).any()
+    for b, s in enumerate(seqs):
+        alone, _ = model(s[None])
+        torch.testing.assert_close(logits[b, T - len(s) :], alone[0], atol=1e-5, rtol=0)
+
+    # One decode step with the cache and the padding mask extended by one real token.
+    nxt = torch.tensor([[3], [4]])
+    mask2 = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
+    pos2 = None if pos is None else pos[:, -1:] + 1
+    step, _ = model(nxt, past_key_values=past, attention_mask=mask2, position_ids=pos2)
+    assert not torch.isnan(step).any()
+    for b, s in enumerate(seqs):
+        alone, _ = model(torch.cat([s, nxt[b]])[None])
+        torch.testing.assert_close(step[b, 0], alone[0, -1], atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------- parameters
+
+
+def test_parameter_count_and_tying(model: GPT) -> None:
+    c = model.config
+    assert model.lm_head.weight is model.tok_embeddings.weight
+    assert model.num_parameters() == expected_params(c)
+    assert model.num_parameters(exclude_embeddings=True) == expected_params(c) - c.vocab_size * c.n_embd
+    n_non_emb = expected_params(c) - c.vocab_size * c.n_embd
+    want = 6 * (n_non_emb + c.n_embd * c.vocab_size) + 12 * c.n_layer * c.n_embd * c.context_length
+    assert model.estimate_flops_per_token() == want
+
+
+def test_init_scales() -> None:
+    torch.manual_seed(0)
+    m = GPT(tiny_config(n_embd=64, n_layer=8, intermediate_size=256))
+    assert torch.all(m.norm.weight == 1) and torch.all(m.layers[0].attn_norm.weight == 1)
+    assert abs(m.layers[0].attn.q_proj.weight.std().item() - 0.02) < 0.002
+    assert abs(m.layers[0].mlp.down_proj.weight.std().item() - 0.02 / 4) < 0.001  # 1/sqrt(2*8)
+
+
+def test_preset_sizes() -> None:
+    small = GPTConfig(vocab_size=4096, context_length=256, n_layer=6, n_head=8, n_embd=256, intermediate_size=704)
+    big = GPTConfig(vocab_size=32000, context_length=1024, n_layer=6, n_head=8, n_embd=512, intermediate_size=1408)
+    with torch.device("meta"):  # no memory, no real init: fast
+        n_small = GPT(small).num_parameters()
+        n_big = GPT(big).num_parameters()
+    assert n_small == expected_params(small) and 5e6 < n_small < 8e6
+    assert n_big == expected_params(big) and 35e6 < n_big < 36.5e6
+
+
+# ---------------------------------------------------------------- config
+
+
+def test_config_roundtrip() -> None:
+    c = tiny_config(rope_theta=5000.0)
+    assert GPTConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+    assert c.head_dim == 8
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(n_embd=30), "n_embd"),  # not divisible by n_head=4
+        (dict(n_layer=0), "n_layer"),
+        (dict(vocab_size=-5), "vocab_size"),
+        (dict(norm_eps=0.0), "norm_eps"),
+        (dict(n_embd=36, n_head=4), "head_dim"),  # head_dim 9 is odd
+    ],
+)
+def test_config_validation(overrides: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        tiny_config(**overrides)
+
+
+def test_from_dict_unknown_key() -> None:
+    d = tiny_config().to_dict() | {"dropout": 0.1}
+    with pytest.raises(ValueError, match="dropout"):
+        GPTConfig.from_dict(d)
+
+
+# ---------------------------------------------------------------- Hugging Face
+
+
+def test_matches_hf_llama() -> None:
+    transformers = pytest.importorskip("transformers")
+    c = tiny_config(rope_theta=5000.0, norm_eps=1e-6)  # non-defaults prove they are mapped
+    torch.manual_seed(1)
+    ours = GPT(c).eval()
+    hf_cfg = transformers.LlamaConfig(
+        hidden_size=c.n_embd,
+        intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.n_layer,
+        num_attention_heads=c.n_head,
+        num_key_value_heads=c.n_head,
+        vocab_size=c.vocab_size,
+        max_position_embeddings=c.context_length,
+        rms_norm_eps=c.norm_eps,
+        rope_theta=c.rope_theta,
+        tie_word_embeddings=True,
+        hidden_act="silu",
+        attention_bias=False,
+        mlp_bias=False,
+    )
+    hf = transformers.LlamaForCausalLM(hf_cfg).eval()
+    names = hf_weight_names(c.n_layer)
+    sd = {names[k]: v for k, v in ours.state_dict().items()}
+    assert set(sd) == set(hf.state_dict())  # the map covers every weight, both ways
+    hf.load_state_dict(sd)
+
+    ids = torch.randint(0, c.vocab_size, (2, 16))
+    with torch.no_grad():
+        want = hf(ids).logits
+    got, _ = ours(ids)
+    torch.testing.assert_close(got, want.float(), atol=1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------- training helpers
+
+
+def test_gradient_checkpointing_same_loss_and_grads() -> None:
+    torch.manual_seed(0)
+    m = GPT(tiny_config()).train()
+    ids = torch.randint(0, 97, (2, 16))
+
+    def loss_and_grads() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        m.zero_grad()
+        logits, _ = m(ids[:, :-1], use_cache=False)
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 97), ids[:, 1:].reshape(-1))
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in m.parameters()]
+
+    loss_a, grads_a = loss_and_grads()
+    m.gradient_checkpointing = True
+    loss_b, grads_b = loss_and_grads()
+    torch.testing.assert_close(loss_a, loss_b)
+    for ga, gb in zip(grads_a, grads_b):
+        torch.testing.assert_close(ga, gb)
+
+
+def test_generate_greedy_matches_full_forward_argmax(model: GPT) -> None:
+    prompt = torch.randint(0, 97, (2, 5))
+    out = model.generate(prompt, max_new_tokens=8, temperature=0.0)
+    ids = prompt
+    for _ in range(8):
+        logits, _ = model(ids)
+        ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, ids)
+
+    g = torch.Generator().manual_seed(0)
+    sampled = model.generate(prompt, max_new_tokens=4, temperature=0.8, top_k=5, generator=g)
+    assert sampled.shape == (2, 9) and torch.equal(sampled[:, :5], prompt)
+    with pytest.raises(ValueError, match="context_length"):
+        model.generate(prompt, max_new_tokens=64)
+
+
+def test_configure_optimizer_groups(model: GPT) -> None:
+    opt = model.configure_optimizer(weight_decay=0.1, learning_rate=1e-3, betas=(0.9, 0.95))
+    assert isinstance(opt, torch.optim.AdamW)
+    seen = [p for g in opt.param_groups for p in g["params"]]
+    assert len(seen) == len({id(p) for p in seen})  # no tensor twice (tied weight!)
+    assert {id(p) for p in seen} == {id(p) for p in model.parameters() if p.requires_grad}
+    for g in opt.param_groups:
+        for p in g["params"]:
+            assert g["weight_decay"] == (0.1 if p.dim() >= 2 else 0.0)
+    norm_ids = {id(model.norm.weight), id(model.layers[0].attn_norm.weight)}
+    assert any(id(p) in norm_ids for g in opt.param_groups if g["weight_decay"] == 0.0 for p in g["params"])
