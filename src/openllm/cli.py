@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Callable
 
 from .config import load_params
-from .errors import OpenLLMError
+from .errors import OpenLLMError, TrainingInterrupted
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int | None]] = {}
 
@@ -50,12 +51,27 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
         )
 
 
+@command
+def cmd_train(args: argparse.Namespace) -> None:
+    from .config import CHECKPOINTS_DIR, METRICS_DIR, TOKENIZED_DIR
+    from .train import train
+
+    params = load_params(args.params)
+    summary = train(params, TOKENIZED_DIR, CHECKPOINTS_DIR, METRICS_DIR, progress=True)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(
+            f"trained {summary['steps']} steps ({summary['tokens_seen']:,} tokens), val loss "
+            f"{summary['val_loss']:.4f}, {summary['tokens_per_second']:,.0f} tokens/s -> {CHECKPOINTS_DIR}"
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="openllm", description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml", help="parameters file (default: %(default)s)")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("download", help="stage: gather the corpus into data/raw/")
     sub.add_parser("tokenize", help="stage: train the tokenizer and encode data/raw/")
+    sub.add_parser("train", help="stage: train (or resume) and write models/checkpoints/step-N")
     return parser
 
 
@@ -65,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         return COMMANDS[args.command](args) or 0
+    except TrainingInterrupted as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 143
     except OpenLLMError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

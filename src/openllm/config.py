@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # Where each stage writes (relative to the repository root). dvc.yaml names the same paths.
 RAW_DIR = Path("data/raw")
@@ -157,6 +157,12 @@ class TrainConfig(Section):
     gradient_checkpointing: bool = False
     seed: int = 1337
     sample_tokens: int = Field(48, ge=0, description="tokens sampled at each evaluation")
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_from_yaml_bool(cls, value: Any) -> Any:
+        # YAML (and `dvc exp run -S train.compile=false`) reads true/false as booleans.
+        return str(value).lower() if isinstance(value, bool) else value
 
     @model_validator(mode="after")
     def _steps_are_consistent(self) -> "TrainConfig":

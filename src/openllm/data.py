@@ -120,6 +120,8 @@ def _open_hf_split(cfg: HFSource, split: str):
         loaded = datasets.load_from_disk(cfg.dataset)
         if isinstance(loaded, datasets.DatasetDict):
             if split not in loaded:
+                if split != cfg.split:
+                    raise KeyError(split)  # no such validation split: hold documents out by hash
                 raise DataError(
                     f"data.hf: {cfg.dataset} has no split {split!r} (it has {sorted(loaded)})"
                 )
@@ -230,6 +232,8 @@ def write_corpus(
         train, val = _SplitWriter(tmp / "train.jsonl"), _SplitWriter(tmp / "val.jsonl")
         held_back: tuple[str, str] | None = None  # so that a hash split never leaves val empty
         for name, text in train_docs:
+            if not text.strip():
+                continue  # an empty file or line is not a document
             if "\x00" in text:
                 raise DataError(f"{name}: contains NUL characters (binary data?)")
             if val_docs is None and is_validation(text, validation_fraction):
@@ -240,15 +244,21 @@ def write_corpus(
                 held_back = (name, text)
         if val_docs is not None:
             for _, text in val_docs:
-                val.write(text)
+                if text.strip():
+                    val.write(text)
         if held_back is not None:
             (val if val.documents == 0 else train).write(held_back[1])
         train.close()
         val.close()
         if train.documents == 0:
-            raise DataError("the corpus is empty: no training documents with text")
-        if val.documents == 0:
-            raise DataError("the corpus has a single document: need at least two to hold one out")
+            if val.documents == 0:
+                raise DataError("the corpus is empty: no documents with text")
+            if val.documents == 1 and val_docs is None:
+                raise DataError("the corpus has a single document: need at least two to hold one out")
+            raise DataError(
+                f"no training documents: all {val.documents} went to validation "
+                "(add documents or lower data.validation_fraction)"
+            )
         manifest = {
             "source": source,
             "validation": "dataset split" if val_docs is not None else f"hash split, fraction {validation_fraction}",
