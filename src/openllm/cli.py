@@ -65,6 +65,36 @@ def cmd_train(args: argparse.Namespace) -> None:
         )
 
 
+@command
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from .checkpoint import step_folder
+    from .config import CHECKPOINTS_DIR, METRICS_DIR, TOKENIZED_DIR
+    from .evaluate import evaluate_checkpoint, log_to_mlflow
+
+    params = load_params(args.params)
+    metrics_path = METRICS_DIR / "evaluate" / f"step-{args.step}.json"
+    samples_path = METRICS_DIR / "samples" / f"step-{args.step}.md"
+    metrics = evaluate_checkpoint(step_folder(CHECKPOINTS_DIR, args.step), TOKENIZED_DIR, params.evaluate,
+                                  metrics_path, samples_path, progress=True)
+    log_to_mlflow(params.mlflow.experiment, metrics, samples_path)
+    print(
+        f"step-{args.step}: val loss {metrics['val_loss']:.4f}, perplexity {metrics['val_perplexity']:.2f}, "
+        f"{metrics['val_bits_per_byte']:.4f} bits/byte -> {metrics_path}, {samples_path}"
+    )
+
+
+@command
+def cmd_report(args: argparse.Namespace) -> None:
+    from .config import METRICS_DIR
+    from .report import build_report, update_readme
+
+    params = load_params(args.params)
+    report = build_report(METRICS_DIR, params.train.checkpoint_steps)
+    if args.readme:
+        update_readme(Path(args.readme), (METRICS_DIR / "results.md").read_text())
+    print(f"{len(report['rows'])} checkpoints -> {METRICS_DIR / 'results.md'}, {METRICS_DIR / 'plots'}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="openllm", description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml", help="parameters file (default: %(default)s)")
@@ -72,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("download", help="stage: gather the corpus into data/raw/")
     sub.add_parser("tokenize", help="stage: train the tokenizer and encode data/raw/")
     sub.add_parser("train", help="stage: train (or resume) and write models/checkpoints/step-N")
+    evaluate = sub.add_parser("evaluate", help="stage: loss, perplexity, bits per byte and samples of a checkpoint")
+    evaluate.add_argument("--step", type=int, required=True, help="checkpoint step (models/checkpoints/step-N)")
+    report = sub.add_parser("report", help="stage: table and plots across the evaluated checkpoints")
+    report.add_argument("--readme", help="also write the results table into this README")
     return parser
 
 

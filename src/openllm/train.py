@@ -62,6 +62,10 @@ class Runtime:
     world_size: int = 1
 
     @property
+    def precision_name(self) -> str:
+        return "bf16" if self.autocast_dtype == torch.bfloat16 else "fp32"
+
+    @property
     def is_main(self) -> bool:
         return self.rank == 0
 
@@ -318,7 +322,7 @@ def train(params: Params, tokenized_dir: Path, checkpoints_dir: Path, metrics_di
         mlflow.set_tags(tracking.run_tags({
             "data_sha256": data_meta["train"]["sha256"], "tokenizer_sha256": data_meta["tokenizer_sha256"],
             "parameters": str(model.num_parameters()), "device": str(runtime.device),
-            "precision": str(runtime.autocast_dtype or "fp32"), "world_size": str(runtime.world_size),
+            "precision": runtime.precision_name, "world_size": str(runtime.world_size),
         }))
         with contextlib.suppress(Exception):  # MLflow refuses to change a param of a resumed run
             mlflow.log_params(tracking.flatten(params.model_dump(exclude={"pipeline", "serve"})))
@@ -334,7 +338,7 @@ def train(params: Params, tokenized_dir: Path, checkpoints_dir: Path, metrics_di
             "val_loss": state.last_val_loss, "git_sha": tracking.git_sha(),
             "params_sha256": params.section_hash("model", "train"), "resume_key": key,
             "threads": torch.get_num_threads(), "world_size": runtime.world_size,
-            "precision": str(runtime.autocast_dtype or "fp32"), "parameters": model.num_parameters(),
+            "precision": runtime.precision_name, "parameters": model.num_parameters(),
             "data_sha256": data_meta["train"]["sha256"], "tokenizer_sha256": data_meta["tokenizer_sha256"],
             "mlflow_run_id": run.info.run_id if run else None, "early_stopped": early_stopped,
             "bytes_per_token_val": data_meta["bytes_per_token"]["val"], "created": time.time(),
@@ -452,7 +456,7 @@ def train(params: Params, tokenized_dir: Path, checkpoints_dir: Path, metrics_di
         "parameters": model.num_parameters(), "wall_seconds": round(elapsed, 2),
         "tokens_per_second": (state.tokens_seen - tokens_at_start) / elapsed if elapsed else 0.0,
         "flops_per_token": model.estimate_flops_per_token(), "early_stopped": early_stopped,
-        "device": str(runtime.device), "precision": str(runtime.autocast_dtype or "fp32"),
+        "device": str(runtime.device), "precision": runtime.precision_name,
         "compiled": runtime.compile, "world_size": runtime.world_size, "threads": torch.get_num_threads(),
     }
     if runtime.is_main:

@@ -1,0 +1,140 @@
+"""The ``evaluate`` stage: figures for one checkpoint over the whole validation split.
+
+- loss: mean cross-entropy in nats per predicted token;
+- perplexity: exp(loss);
+- bits per byte: total nats / (ln 2 × UTF-8 bytes of the text). Unlike loss, it does not
+  depend on the tokenizer, so models with different vocabularies compare.
+
+The split is cut into consecutive windows of ``context_length`` tokens; every token but the
+first is predicted exactly once, from the tokens before it in its window.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint as ckpt
+from .config import EvaluateConfig
+from .errors import OpenLLMError
+from .fileio import read_json, write_json
+from .model import GPT
+from .sampling import Sampling
+from .tokenizer import load_tokenizer
+from .torch_generate import generate_text
+
+
+class EvaluationError(OpenLLMError, ValueError):
+    """The evaluation input (text, tokens, model) is unusable."""
+
+
+@torch.no_grad()
+def token_nats(model: GPT, tokens: np.ndarray, batch_size: int = 8,
+               on_progress=lambda n: None) -> tuple[float, int]:
+    """Total negative log-likelihood (nats) of ``tokens[1:]`` and how many tokens that is."""
+    if len(tokens) < 2:
+        raise EvaluationError("need at least 2 tokens to score (the first one has no context)")
+    context = model.config.context_length
+    device = next(model.parameters()).device
+    # Window i predicts tokens[i*C + 1 : i*C + C + 1] from tokens[i*C : i*C + C].
+    starts = range(0, len(tokens) - 1, context)
+    full = [s for s in starts if s + context + 1 <= len(tokens)]
+    batches = [full[i : i + batch_size] for i in range(0, len(full), batch_size)]
+    batches += [[s] for s in starts if s + context + 1 > len(tokens)]  # the shorter last window
+    total, count = 0.0, 0
+    for batch in batches:
+        length = min(context, len(tokens) - 1 - batch[0])
+        window = np.stack([tokens[s : s + length + 1] for s in batch]).astype(np.int64)
+        window = torch.from_numpy(window).to(device)
+        logits, _ = model(window[:, :-1], use_cache=False)
+        targets = window[:, 1:].flatten()
+        total += F.cross_entropy(logits.flatten(0, 1).double(), targets, reduction="sum").item()
+        count += targets.numel()
+        on_progress(targets.numel())
+    return total, count
+
+
+def language_metrics(total_nats: float, tokens: int, text_bytes: int) -> dict[str, float]:
+    """Loss, perplexity and bits per byte from totals (the one place these formulas live)."""
+    loss = total_nats / tokens
+    return {
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 700.0)),
+        "bits_per_byte": total_nats / (math.log(2) * text_bytes),
+        "tokens": tokens,
+        "bytes": text_bytes,
+    }
+
+
+def write_samples(model: GPT, tokenizer, cfg: EvaluateConfig, step: int, path: Path) -> str:
+    """Greedy and seeded-sampling continuations of each prompt, as a markdown file."""
+    sampled = Sampling(**cfg.sampling.model_dump())
+    greedy = Sampling(**cfg.sampling.model_dump() | {"temperature": 0.0})
+    parts = [f"# Samples from step {step}\n",
+             f"Sampling: temperature {sampled.temperature}, top-k {sampled.top_k}, top-p {sampled.top_p}, "
+             f"seed {sampled.seed}, {sampled.max_new_tokens} new tokens.\n"]
+    for prompt in cfg.prompts:
+        parts.append(f"## Prompt: {prompt.strip()!r}\n")
+        for title, settings in (("Greedy", greedy), ("Sampled", sampled)):
+            text = prompt + generate_text(model, tokenizer, prompt, settings)
+            parts.append(f"**{title}**\n\n```text\n{text}\n```\n")
+    markdown = "\n".join(parts)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(markdown, encoding="utf-8")
+    return markdown
+
+
+def evaluate_checkpoint(checkpoint_dir: Path, tokenized_dir: Path, cfg: EvaluateConfig,
+                        metrics_path: Path, samples_path: Path, progress: bool = False) -> dict[str, Any]:
+    """Evaluate one checkpoint on the validation split; write its metrics and samples."""
+    from tqdm import tqdm
+
+    model = ckpt.load_model(checkpoint_dir)  # verifies sha256; fp32 for reproducible figures
+    meta = ckpt.read_meta(checkpoint_dir)
+    data_meta = read_json(tokenized_dir / "meta.json")
+    if data_meta["tokenizer_sha256"] != meta.get("tokenizer_sha256", data_meta["tokenizer_sha256"]):
+        raise EvaluationError(f"{checkpoint_dir} was trained with another tokenizer than {tokenized_dir}")
+    tokens = np.memmap(tokenized_dir / data_meta["val"]["file"], dtype=np.dtype(data_meta["dtype"]), mode="r")
+    started = time.perf_counter()
+    with tqdm(total=len(tokens) - 1, unit="tok", desc=f"evaluate {checkpoint_dir.name}", disable=not progress) as bar:
+        total, count = token_nats(model, tokens, cfg.batch_size, bar.update)
+    seconds = time.perf_counter() - started
+    figures = language_metrics(total, count, data_meta["val"]["bytes"])
+    metrics = {
+        "step": meta["step"],
+        "tokens_seen": meta["tokens_seen"],
+        "parameters": model.num_parameters(),
+        "context_length": model.config.context_length,
+        "val_loss": figures["loss"],
+        "val_perplexity": figures["perplexity"],
+        "val_bits_per_byte": figures["bits_per_byte"],
+        "val_tokens": figures["tokens"],
+        "val_bytes": figures["bytes"],
+        "eval_tokens_per_second": count / seconds,
+        "mlflow_run_id": meta.get("mlflow_run_id"),
+    }
+    write_samples(model, load_tokenizer(checkpoint_dir / ckpt.TOKENIZER), cfg, meta["step"], samples_path)
+    write_json(metrics_path, metrics)
+    return metrics
+
+
+def log_to_mlflow(experiment: str, metrics: dict[str, Any], samples_path: Path) -> None:
+    """Add the checkpoint's figures (step = checkpoint step) and samples to its training run."""
+    from . import tracking
+
+    if not metrics.get("mlflow_run_id"):
+        return
+    mlflow = tracking.setup(experiment)
+    with tracking.open_run(mlflow, metrics["mlflow_run_id"]):
+        mlflow.log_metrics(
+            {f"eval_{k}": metrics[k] for k in ("val_loss", "val_perplexity", "val_bits_per_byte",
+                                                 "eval_tokens_per_second")},
+            step=metrics["step"],
+        )
+        mlflow.log_artifact(str(samples_path), "samples")

@@ -1,0 +1,80 @@
+"""Plain helpers shared by the test files (import with ``from helpers import ...``)."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+
+# Small documents with the text that tokenizers and JSON writers get wrong: accents, emoji,
+# CJK, leading/multiple spaces, tabs and runs of newlines. Name -> exact file content.
+TINY_DOCS: dict[str, str] = {
+    "a_hello.txt": "Hello, world!\nThis is a tiny corpus for the tests.\n",
+    "b_french.txt": "Café au lait, crème brûlée et déjà vu.\n\n  Deux  espaces   ici.\n",
+    "c_emoji.txt": "Emoji: 🙂🚀 and more 🎉 in a line.\n\n\nThree newlines above.\n",
+    "d_cjk.txt": "東京は日本の首都です。\n漢字とひらがな、カタカナ。\n",
+    "e_spaces.txt": "   leading spaces\n\ttabbed\tline\nmultiple    spaces    between   words\n\n",
+}
+
+
+def deep_merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of ``base`` with ``overrides`` merged in (nested mappings merged key by key)."""
+    merged = copy.deepcopy(dict(base))
+    for key, value in overrides.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def repo_params() -> dict[str, Any]:
+    """The repository's params.yaml, parsed."""
+    return yaml.safe_load((REPO_ROOT / "params.yaml").read_text(encoding="utf-8"))
+
+
+def write_params(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Path:
+    """Write the repository's params.yaml with ``overrides`` deep-merged onto it.
+
+    ``path`` may be a file or a folder (then ``params.yaml`` inside it). Returns the file.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "params.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    params = deep_merge(repo_params(), overrides or {})
+    path.write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The current environment with the venv's bin first on PATH (so `python`, `dvc` resolve)."""
+    env = dict(os.environ)
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.update(extra)
+    return env
+
+
+def run_openllm(*args: str, cwd: str | Path, timeout: float = 120, **extra_env: str):
+    """Run ``python -m openllm ARGS`` in ``cwd``; return the CompletedProcess (text output)."""
+    return subprocess.run(
+        [sys.executable, "-m", "openllm", *args],
+        cwd=cwd, env=subprocess_env(**extra_env), capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def snapshot_tree(folder: str | Path) -> dict[str, tuple[bytes, int]]:
+    """Relative path -> (bytes, mtime_ns) of every file below ``folder``."""
+    folder = Path(folder)
+    return {
+        str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*")) if p.is_file()
+    }
