@@ -15,6 +15,7 @@ from .errors import OpenLLMError
 import io
 import multiprocessing as mp
 import os
+import re
 from collections import deque
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -91,11 +92,15 @@ def train_tokenizer(documents: Iterable[str], cfg: TokenizerConfig, model_path: 
         )
     except RuntimeError as exc:
         message = str(exc)
-        if "Vocabulary size" in message or "vocab_size" in message:
-            hint = message.split("Please set it to a value <= ")
-            limit = f" (at most {hint[1].rstrip('.')})" if len(hint) > 1 else ""
+        if match := re.search(r"Please set it to a value <= (\d+)", message):
             raise TokenizerError(
-                f"tokenizer.vocab_size={cfg.vocab_size} is larger than this corpus supports{limit}"
+                f"tokenizer.vocab_size={cfg.vocab_size} is larger than this corpus supports "
+                f"(at most {match.group(1)})"
+            ) from None
+        if match := re.search(r"smaller than required_chars\. \d+ vs (\d+)", message):
+            raise TokenizerError(
+                f"tokenizer.vocab_size={cfg.vocab_size} is too small for this corpus: its distinct "
+                f"characters and special pieces need at least {match.group(1)}"
             ) from None
         raise TokenizerError(f"SentencePiece training failed: {message}") from None
     model_path.write_bytes(model.getvalue())

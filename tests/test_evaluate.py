@@ -1,0 +1,148 @@
+"""The evaluate stage: figures against a direct computation, bytes not characters, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import TINY_DOCS, run_openllm, write_params
+from openllm import checkpoint as ckpt
+from openllm.config import EvaluateConfig, TokenizerConfig
+from openllm.data import shakespeare_documents, write_corpus
+from openllm.evaluate import EvaluationError, evaluate_checkpoint, language_metrics, log_to_mlflow, token_nats
+from openllm.model import GPT, GPTConfig
+from openllm.tokenizer import tokenize
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    """A tokenized tiny corpus and one checkpoint (step-5) trained on it for a few steps."""
+    root = tmp_path_factory.mktemp("evaluate")
+    play = shakespeare_documents()[0][0][1][:20000]
+    train = [("play", play)] + [(n, t * 3) for n, t in TINY_DOCS.items() if n != "d_cjk.txt"]
+    validation = [("cjk", TINY_DOCS["d_cjk.txt"] * 6)]  # non-ASCII: bytes != characters
+    write_corpus(root / "data/raw", iter(train), iter(validation), 0.1, {"name": "test"})
+    meta = tokenize(root / "data/raw", root / "data/tokenized", TokenizerConfig(vocab_size=400, workers=1))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=meta["vocab_size"], context_length=16, n_layer=1, n_head=2, n_embd=16,
+                          intermediate_size=32))
+    ckpt.save_checkpoint(ckpt.step_folder(root / "models/checkpoints", 5), model,
+                         root / "data/tokenized/tokenizer.model",
+                         {"step": 5, "tokens_seen": 640, "tokenizer_sha256": meta["tokenizer_sha256"]})
+    return root
+
+
+def direct_nats(model: GPT, tokens: np.ndarray) -> float:
+    """Sum of -log p(token) computed one window at a time with an explicit log-softmax."""
+    context, total = model.config.context_length, 0.0
+    for start in range(0, len(tokens) - 1, context):
+        window = torch.tensor(tokens[start : start + context + 1].astype(np.int64))[None]
+        with torch.no_grad():
+            logits, _ = model(window[:, :-1])
+        log_probs = torch.log_softmax(logits.double(), dim=-1)
+        total -= log_probs[0].gather(1, window[0, 1:, None]).sum().item()
+    return total
+
+
+def test_figures_match_a_direct_computation(workspace: Path) -> None:
+    model = ckpt.load_model(workspace / "models/checkpoints/step-5")
+    tokens = np.memmap(workspace / "data/tokenized/val.bin", dtype=np.uint16, mode="r")
+    assert len(tokens) > 3 * model.config.context_length  # several windows and a short last one
+    total, count = token_nats(model, tokens, batch_size=3)
+    assert count == len(tokens) - 1  # every token but the first is predicted once
+    assert total == pytest.approx(direct_nats(model, tokens), rel=1e-9)
+
+
+def test_short_text_is_one_window(workspace: Path) -> None:
+    model = ckpt.load_model(workspace / "models/checkpoints/step-5")
+    tokens = np.array([5, 9, 30, 7, 3], dtype=np.uint16)
+    total, count = token_nats(model, tokens)
+    with torch.no_grad():
+        logits, _ = model(torch.tensor(tokens[None, :-1].astype(np.int64)))
+    expected = torch.nn.functional.cross_entropy(logits[0].double(), torch.tensor(tokens[1:].astype(np.int64)),
+                                                 reduction="sum").item()
+    assert (total, count) == (pytest.approx(expected, rel=1e-9), 4)
+    with pytest.raises(EvaluationError):
+        token_nats(model, tokens[:1])
+
+
+def test_bits_per_byte_counts_utf8_bytes_not_characters() -> None:
+    text = "Café 🙂 東京"
+    assert len(text.encode()) == 17 and len(text) == 9
+    figures = language_metrics(total_nats=10.0, tokens=5, text_bytes=len(text.encode()))
+    assert figures["loss"] == 2.0
+    assert figures["perplexity"] == pytest.approx(math.exp(2.0))
+    assert figures["bits_per_byte"] == pytest.approx(10.0 / (math.log(2) * 17))
+
+
+def test_evaluate_checkpoint_writes_metrics_and_samples(workspace: Path) -> None:
+    cfg = EvaluateConfig(prompts=["Hello", "Café "], sampling={"max_new_tokens": 6, "seed": 3})
+    out = workspace / "metrics"
+    metrics = evaluate_checkpoint(workspace / "models/checkpoints/step-5", workspace / "data/tokenized", cfg,
+                                  out / "evaluate/step-5.json", out / "samples/step-5.md")
+    saved = json.loads((out / "evaluate/step-5.json").read_text())
+    assert saved == pytest.approx(metrics)
+    val_text = json.loads((workspace / "data/raw/val.jsonl").read_text().splitlines()[0])["text"]
+    assert saved["val_bytes"] == len(val_text.encode("utf-8")) != len(val_text)  # non-ASCII corpus
+    assert saved["val_perplexity"] == pytest.approx(math.exp(saved["val_loss"]))
+    assert saved["val_bits_per_byte"] == pytest.approx(
+        saved["val_loss"] * saved["val_tokens"] / (math.log(2) * saved["val_bytes"]))
+    assert saved["step"] == 5 and saved["tokens_seen"] == 640 and saved["eval_tokens_per_second"] > 0
+    samples = (out / "samples/step-5.md").read_text()
+    assert samples.count("**Greedy**") == 2 and samples.count("**Sampled**") == 2
+    assert "Prompt: 'Café'" in samples
+    # The same seed gives the same samples.
+    evaluate_checkpoint(workspace / "models/checkpoints/step-5", workspace / "data/tokenized", cfg,
+                        out / "evaluate/again.json", out / "samples/again.md")
+    assert (out / "samples/again.md").read_text() == samples
+
+
+def test_missing_or_corrupt_checkpoint_is_a_clear_error(workspace: Path, tmp_path: Path) -> None:
+    cfg = EvaluateConfig()
+    with pytest.raises(ckpt.CheckpointError, match="not found"):
+        evaluate_checkpoint(tmp_path / "step-7", workspace / "data/tokenized", cfg, tmp_path / "m.json",
+                            tmp_path / "s.md")
+    corrupt = tmp_path / "step-5"
+    import shutil
+
+    shutil.copytree(workspace / "models/checkpoints/step-5", corrupt)
+    weights = corrupt / ckpt.WEIGHTS
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ckpt.CheckpointError, match="sha256"):
+        evaluate_checkpoint(corrupt, workspace / "data/tokenized", cfg, tmp_path / "m.json", tmp_path / "s.md")
+    assert not (tmp_path / "m.json").exists()
+
+
+def test_cli_reports_a_missing_checkpoint_in_one_line(workspace: Path, tmp_path: Path) -> None:
+    write_params(tmp_path)
+    (tmp_path / "data").symlink_to(workspace / "data")
+    result = run_openllm("evaluate", "--step", "99", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: models/checkpoints/step-99: checkpoint not found"]
+    assert not (tmp_path / "metrics").exists()
+
+
+def test_metrics_go_into_the_training_run(workspace: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    from openllm import tracking
+
+    mlflow = tracking.setup("evaluate-test")
+    with mlflow.start_run() as run:
+        pass
+    samples = tmp_path / "step-5.md"
+    samples.write_text("# samples\n")
+    metrics = {"step": 5, "val_loss": 3.0, "val_perplexity": math.exp(3), "val_bits_per_byte": 1.5,
+               "eval_tokens_per_second": 100.0, "mlflow_run_id": run.info.run_id}
+    log_to_mlflow("evaluate-test", metrics, samples)
+    client = mlflow.tracking.MlflowClient()
+    history = client.get_metric_history(run.info.run_id, "eval_val_bits_per_byte")
+    assert [(m.step, m.value) for m in history] == [(5, 1.5)]
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "samples")] == ["samples/step-5.md"]
