@@ -10,7 +10,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup run test app serve bench clean
+.PHONY: setup run test results app serve bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,9 @@ run: setup  ## build every stage of dvc.yaml that is out of date
 
 test: setup  ## the test suite (tiny models, real DVC/MLflow/Prefect/onnxruntime)
 	python -m pytest
+
+results: setup  ## write the results table of the last `make run` into README.md
+	python -m openllm report --readme README.md
 
 clean:  ## remove pipeline outputs (keeps .venv)
 	rm -rf data/raw data/tokenized models mlflow.db mlartifacts
