@@ -1,0 +1,114 @@
+"""A character-level GPT in the style of nanoGPT's Shakespeare recipe, as a quality baseline.
+
+Learned absolute positions, LayerNorm, GELU MLP, one token per character: the usual first
+model people train. ``train_for(seconds)`` trains it on the same split OpenLLM uses for a fixed
+wall-clock budget; ``bits_per_byte`` scores it the same way OpenLLM is scored.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class CharConfig:
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    context: int = 64
+    batch_size: int = 12
+    learning_rate: float = 1e-3
+    min_learning_rate: float = 1e-4
+    warmup_steps: int = 100
+
+
+class CharBlock(nn.Module):
+    def __init__(self, cfg: CharConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.ln1, self.ln2 = nn.LayerNorm(cfg.n_embd), nn.LayerNorm(cfg.n_embd)
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.mlp = nn.Sequential(nn.Linear(cfg.n_embd, 4 * cfg.n_embd), nn.GELU(), nn.Linear(4 * cfg.n_embd, cfg.n_embd))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(attended.transpose(1, 2).reshape(B, T, C))
+        return x + self.mlp(self.ln2(x))
+
+
+class CharGPT(nn.Module):
+    def __init__(self, cfg: CharConfig, vocab_size: int):
+        super().__init__()
+        self.token = nn.Embedding(vocab_size, cfg.n_embd)
+        self.position = nn.Embedding(cfg.context, cfg.n_embd)
+        self.blocks = nn.Sequential(*[CharBlock(cfg) for _ in range(cfg.n_layer)])
+        self.ln = nn.LayerNorm(cfg.n_embd)
+        self.head = nn.Linear(cfg.n_embd, vocab_size, bias=False)
+        self.head.weight = self.token.weight
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(idx.shape[1], device=idx.device)
+        return self.head(self.ln(self.blocks(self.token(idx) + self.position(positions))))
+
+
+class CharData:
+    """Characters of the training text as ids; unseen validation characters share one id."""
+
+    def __init__(self, train_text: str):
+        chars = sorted(set(train_text))
+        self.index = {c: i + 1 for i, c in enumerate(chars)}  # 0 = unseen character
+        self.vocab_size = len(chars) + 1
+        self.train = self.encode(train_text)
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.fromiter((self.index.get(c, 0) for c in text), dtype=np.int64, count=len(text))
+
+
+def train_for(seconds: float, train_text: str, cfg: CharConfig = CharConfig(), seed: int = 1337,
+              total_steps: int = 2000) -> tuple[CharGPT, CharData, int]:
+    """Train until ``seconds`` of wall-clock time have passed; return the model and steps taken."""
+    torch.manual_seed(seed)
+    data = CharData(train_text)
+    model = CharGPT(cfg, data.vocab_size)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, betas=(0.9, 0.99), weight_decay=0.1)
+    generator = torch.Generator().manual_seed(seed)
+    started, step = time.perf_counter(), 0
+    while time.perf_counter() - started < seconds:
+        progress = min(1.0, step / total_steps)
+        lr = (cfg.learning_rate * (step + 1) / cfg.warmup_steps if step < cfg.warmup_steps else
+              cfg.min_learning_rate + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_learning_rate))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        starts = torch.randint(0, len(data.train) - cfg.context - 1, (cfg.batch_size,), generator=generator)
+        window = torch.from_numpy(np.stack([data.train[s : s + cfg.context + 1] for s in starts.tolist()]))
+        loss = F.cross_entropy(model(window[:, :-1]).flatten(0, 1), window[:, 1:].flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        step += 1
+    return model, data, step
+
+
+@torch.no_grad()
+def bits_per_byte(model: CharGPT, data: CharData, text: str, context: int) -> float:
+    """Total nats over consecutive windows of the text / (ln 2 x its UTF-8 bytes)."""
+    model.eval()
+    ids = torch.from_numpy(data.encode(text))
+    total = 0.0
+    for start in range(0, len(ids) - 1, context):
+        window = ids[start : start + context + 1][None]
+        logits = model(window[:, :-1])
+        total += F.cross_entropy(logits[0].double(), window[0, 1:], reduction="sum").item()
+    return total / (math.log(2) * len(text.encode("utf-8")))

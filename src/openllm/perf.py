@@ -1,0 +1,29 @@
+"""Measuring the machine: matmul throughput, the yardstick for model FLOPs utilisation (MFU)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+def matmul_flops(dtype: torch.dtype = torch.float32, size: int = 2048, seconds: float = 1.0,
+                 device: str | torch.device = "cpu") -> float:
+    """Sustained FLOP/s of a square ``size`` x ``size`` matmul in ``dtype`` on ``device``."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    for _ in range(2):  # warm up kernels and caches
+        a @ b
+    sync()
+    runs, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        a @ b
+        runs += 1
+    sync()
+    return 2 * size**3 * runs / (time.perf_counter() - started)
+
+
+def mfu(tokens_per_second: float, flops_per_token: float, peak_flops: float) -> float:
+    """Model FLOPs utilisation: achieved model FLOP/s over the measured peak."""
+    return tokens_per_second * flops_per_token / peak_flops
