@@ -1,0 +1,97 @@
+"""Training throughput and model FLOPs utilisation (MFU), against matmul peaks measured in the same run.
+
+For each model preset, precision (fp32 / bf16 autocast) and compile setting, times optimizer
+steps of the real model and optimizer on random tokens (data loading is not the bottleneck
+at this size) and reports tokens/s and MFU = tokens/s x FLOPs/token / peak FLOP/s, for both
+the bf16 and the fp32 matmul peak of this machine.
+
+    python bench/training.py --out bench/results/training.json [--presets tiny small] [--steps 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from openllm.config import MODEL_PRESETS
+from openllm.model import GPT, GPTConfig
+from openllm.perf import matmul_flops, mfu
+
+VOCAB = {"tiny": 4096, "small": 32000}
+BATCH = {"tiny": 16, "small": 4}  # sequences per step: the default for tiny, memory-friendly for small
+
+
+def time_steps(preset: str, precision: str, compiled: bool, steps: int, device: str) -> dict:
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=VOCAB[preset], **MODEL_PRESETS[preset])
+    model = GPT(config).to(device).train()
+    optimizer = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95))
+    forward = torch.compile(model) if compiled else model
+    batch, context = BATCH[preset], config.context_length
+    tokens = torch.randint(0, config.vocab_size, (batch, context + 1), device=device)
+    dtype = torch.bfloat16 if precision == "bf16" else None
+
+    def step() -> None:
+        with torch.autocast(device_type=torch.device(device).type, dtype=dtype, enabled=dtype is not None):
+            logits, _ = forward(tokens[:, :-1], use_cache=False)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    started = time.perf_counter()
+    for _ in range(2):  # warm-up (and compilation)
+        step()
+    warmup_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    return {
+        "preset": preset, "precision": precision, "compiled": compiled, "parameters": model.num_parameters(),
+        "tokens_per_step": batch * context, "tokens_per_second": batch * context * steps / seconds,
+        "flops_per_token": model.estimate_flops_per_token(), "warmup_seconds": warmup_seconds,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("bench/results/training.json"))
+    parser.add_argument("--presets", nargs="+", default=["tiny", "small"], choices=sorted(MODEL_PRESETS))
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+
+    peaks = {name: matmul_flops(dtype, device=args.device) for name, dtype in
+             (("bf16", torch.bfloat16), ("fp32", torch.float32))}
+    print(f"matmul peak on {args.device}: bf16 {peaks['bf16'] / 1e9:,.0f} GFLOP/s, fp32 {peaks['fp32'] / 1e9:,.0f} GFLOP/s")
+    rows = []
+    for preset in args.presets:
+        for precision in ("fp32", "bf16"):
+            for compiled in (False, True):
+                row = time_steps(preset, precision, compiled, args.steps, args.device)
+                achieved = row["tokens_per_second"] * row["flops_per_token"]
+                row |= {"mfu_vs_bf16_peak": mfu(row["tokens_per_second"], row["flops_per_token"], peaks["bf16"]),
+                        "mfu_vs_fp32_peak": mfu(row["tokens_per_second"], row["flops_per_token"], peaks["fp32"]),
+                        "model_gflops_per_second": achieved / 1e9}
+                rows.append(row)
+                print(f"{preset:5} {precision} compiled={compiled!s:5} {row['tokens_per_second']:9,.0f} tok/s  "
+                      f"MFU {row['mfu_vs_bf16_peak']:6.1%} of bf16 peak, {row['mfu_vs_fp32_peak']:6.1%} of fp32 peak")
+    result = {"device": args.device, "machine": platform.processor() or platform.machine(),
+              "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "peak_flops": peaks, "runs": rows, "date": time.strftime("%Y-%m-%d")}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
