@@ -29,5 +29,20 @@ test: setup  ## the test suite (tiny models, real DVC/MLflow/Prefect/onnxruntime
 results: setup  ## write the results table of the last `make run` into README.md
 	python -m openllm report --readme README.md
 
+app: setup  ## the Streamlit comparison app on http://127.0.0.1:8501 (every model in models/export)
+	streamlit run app/streamlit_app.py --server.address 127.0.0.1 --server.headless true --browser.gatherUsageStats false
+
+serve: setup  ## OpenAI-compatible HTTP server for every model in models/export (params.yaml serve: 127.0.0.1:8000)
+	python -m openllm serve
+
+bench: setup  ## benchmarks -> bench/results/*.json and README's Benchmarks section (about 45 min on 2 cores)
+	python bench/training.py --out bench/results/training.json
+	python bench/tokenizer.py --out bench/results/tokenizer.json
+	python bench/generation.py --out bench/results/generation.json --workdir bench/.work
+	python bench/server_load.py --model bench/.work/export/step-0 --out bench/results/server.json
+	python bench/gpu.py --out bench/results/gpu.json
+	python bench/pipeline.py --out bench/results/pipeline.json
+	python bench/report.py --readme README.md
+
 clean:  ## remove pipeline outputs (keeps .venv)
 	rm -rf data/raw data/tokenized models mlflow.db mlartifacts

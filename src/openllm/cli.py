@@ -84,6 +84,75 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 @command
+def cmd_export(args: argparse.Namespace) -> None:
+    from .checkpoint import step_folder
+    from .config import CHECKPOINTS_DIR, EXPORT_DIR, METRICS_DIR, TOKENIZED_DIR
+    from .export import export_checkpoint, validation_tokens
+
+    params = load_params(args.params)
+    checkpoint = step_folder(CHECKPOINTS_DIR, args.step)
+    out = EXPORT_DIR / f"step-{args.step}"
+    report = export_checkpoint(
+        checkpoint, out, params.export, params.evaluate.sampling, params.mlflow,
+        eval_tokens=validation_tokens(TOKENIZED_DIR, checkpoint),
+        metrics_path=METRICS_DIR / "evaluate" / f"step-{args.step}.json",
+    )
+    extras = [f"max |logit diff| {report['verification']['max_abs_diff_logits']:.1e}"]
+    if "int8" in report:
+        extras.append(f"int8 {report['int8']['decode_speedup']:.2f}x faster, "
+                      f"{report['int8']['bits_per_byte_change']:+.4f} bits/byte")
+    if "mlflow" in report:
+        extras.append(f"registered {report['mlflow']['registered_model']} v{report['mlflow']['version']}")
+    print(f"step-{args.step}: " + ", ".join(extras) + f" -> {out}")
+
+
+@command
+def cmd_generate(args: argparse.Namespace) -> None:
+    from .runtime import OnnxGenerator
+
+    generator = OnnxGenerator.load(args.model, quantized=args.int8)
+    sampling = generator.sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                  max_new_tokens=args.max_new_tokens, seed=args.seed)
+    results: list = []
+    pieces = generator.stream(args.prompt, sampling, stop=args.stop or (), results=results)
+    first = next(pieces, "")  # validation errors surface here, before anything is printed
+    print(args.prompt + first, end="", flush=True)
+    for piece in pieces:
+        print(piece, end="", flush=True)
+    print()
+    r = results[0]
+    print(f"[{r.completion_tokens} tokens, {r.tokens_per_second:.1f} tokens/s, first token after "
+          f"{1000 * r.time_to_first_token:.0f} ms, finish: {r.finish_reason}]", file=sys.stderr)
+
+
+@command
+def cmd_score(args: argparse.Namespace) -> None:
+    import json
+
+    path = Path(args.file)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise OpenLLMError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise OpenLLMError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    model = Path(args.model)
+    if (model / "COMPLETE").is_file() or (model / "model.safetensors").is_file():  # a checkpoint: PyTorch
+        from .evaluate import score_text
+
+        backend, figures = "pytorch", score_text(model, text)
+    elif args.model.startswith("models:/") or (model / "config.json").is_file() or (model / "model.onnx").is_file():
+        from .runtime import OnnxGenerator
+
+        backend = "onnxruntime-int8" if args.int8 else "onnxruntime"
+        figures = OnnxGenerator.load(args.model, quantized=args.int8).score(text)
+    else:
+        raise OpenLLMError(f"{args.model}: neither a checkpoint (models/checkpoints/step-N with COMPLETE) "
+                           "nor an export (models/export/step-N) nor a models:/ URI")
+    print(json.dumps({"model": args.model, "backend": backend, "file": str(path), **figures}, indent=2))
+
+
+@command
 def cmd_report(args: argparse.Namespace) -> None:
     from .config import METRICS_DIR
     from .report import build_report, update_readme
@@ -95,6 +164,17 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(f"{len(report['rows'])} checkpoints -> {METRICS_DIR / 'results.md'}, {METRICS_DIR / 'plots'}")
 
 
+@command
+def cmd_serve(args: argparse.Namespace) -> None:
+    from .config import parse_params
+    from .server import serve
+
+    raw = load_params(args.params).model_dump()
+    raw["serve"].update({key: value for key, value in (("host", args.host), ("port", args.port)) if value is not None})
+    limits = parse_params(raw, source="openllm serve").serve  # the flags are checked like params.yaml
+    serve(args.model or (), limits, quantized=args.int8)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="openllm", description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml", help="parameters file (default: %(default)s)")
@@ -104,6 +184,29 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("train", help="stage: train (or resume) and write models/checkpoints/step-N")
     evaluate = sub.add_parser("evaluate", help="stage: loss, perplexity, bits per byte and samples of a checkpoint")
     evaluate.add_argument("--step", type=int, required=True, help="checkpoint step (models/checkpoints/step-N)")
+    export = sub.add_parser("export", help="stage: ONNX (+ int8, Hugging Face) folder of a checkpoint, registered")
+    export.add_argument("--step", type=int, required=True, help="checkpoint step (models/checkpoints/step-N)")
+    generate = sub.add_parser("generate", help="stream a completion from an exported model (onnxruntime)")
+    generate.add_argument("--model", required=True, help="models/export/step-N or models:/<name>@<alias>")
+    generate.add_argument("--temperature", type=float, help="0 = greedy (default: the export's sampling)")
+    generate.add_argument("--top-k", type=int, help="0 = off")
+    generate.add_argument("--top-p", type=float, help="1 = off")
+    generate.add_argument("--max-new-tokens", type=int)
+    generate.add_argument("--seed", type=int, help="same seed, same text")
+    generate.add_argument("--stop", action="append", help="stop before this text (repeatable; $'\\n' for a newline)")
+    generate.add_argument("--int8", action="store_true", help="use the int8 model")
+    generate.add_argument("prompt")
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server for the exported models (params.yaml serve)")
+    serve.add_argument("--model", action="append",
+                       help="export folder or models:/<name>@<alias> (repeatable; default: all of models/export)")
+    serve.add_argument("--host", help="address to listen on (default: serve.host, 127.0.0.1 = this machine only)")
+    serve.add_argument("--port", type=int, help="default: serve.port")
+    serve.add_argument("--int8", action="store_true", help="serve the int8 models")
+    score = sub.add_parser("score", help="loss, perplexity and bits per byte of a UTF-8 text file, as JSON")
+    score.add_argument("--model", required=True,
+                       help="models/checkpoints/step-N (PyTorch), models/export/step-N or models:/<name>@<alias> (ONNX)")
+    score.add_argument("--int8", action="store_true", help="score with the int8 ONNX model")
+    score.add_argument("file", help="UTF-8 text file")
     report = sub.add_parser("report", help="stage: table and plots across the evaluated checkpoints")
     report.add_argument("--readme", help="also write the results table into this README")
     return parser

@@ -14,6 +14,7 @@ import hashlib
 import json
 from pathlib import Path
 from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -228,27 +229,67 @@ class MlflowConfig(Section):
 
 
 class PipelineConfig(Section):
+    """The Prefect orchestration (pipelines/): schedules, retries and the deployments' name."""
+
     cron: str = Field("0 3 * * *", description="when the scheduled deployment retrains")
+    data_check_cron: str | None = Field(
+        "30 * * * *", description="when the data-check deployment looks for a changed source; null = never"
+    )
     timezone: str = "UTC"
     retries: int = Field(2, ge=0, le=10)
     retry_delay_seconds: int = Field(10, ge=0)
+    deployment: str = Field(
+        "openllm", min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$", description="name of both deployments"
+    )
 
     @model_validator(mode="after")
-    def _cron_has_five_fields(self) -> "PipelineConfig":
-        if len(self.cron.split()) != 5:
-            raise ValueError(f"pipeline.cron={self.cron!r} must have 5 fields (min hour day month weekday)")
+    def _schedule_is_valid(self) -> "PipelineConfig":
+        for name in ("cron", "data_check_cron"):
+            value = getattr(self, name)
+            if value is not None and len(value.split()) != 5:
+                raise ValueError(
+                    f"pipeline.{name}={value!r} must have 5 fields (min hour day month weekday)"
+                )
+        try:
+            ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError, OSError):
+            raise ValueError(
+                f"pipeline.timezone={self.timezone!r} is not an IANA time zone (e.g. UTC, Europe/Paris)"
+            ) from None
         return self
 
 
 class ServeConfig(Section):
-    host: str = "127.0.0.1"
+    """The HTTP server (``openllm serve``): where it listens and what one request may ask for."""
+
+    host: str = Field("127.0.0.1", min_length=1, description="127.0.0.1 = this machine only")
     port: int = Field(8000, ge=1, le=65535)
-    max_prompt_tokens: int = Field(1024, gt=0)
+    max_prompt_tokens: int = Field(1024, gt=0, description="tokens in one prompt")
     max_tokens: int = Field(512, gt=0, description="largest max_tokens a request may ask for")
-    max_body_bytes: int = Field(65536, gt=0)
-    max_n: int = Field(4, gt=0)
+    max_body_bytes: int = Field(65536, gt=0, description="request body size, checked before parsing")
+    max_n: int = Field(4, gt=0, description="completions per prompt (n)")
+    max_prompts: int = Field(8, gt=0, description="prompts in one request (prompt given as a list)")
     max_concurrent: int = Field(4, gt=0, description="generations at once; more get 429")
-    request_timeout_seconds: float = Field(60.0, gt=0)
+    request_timeout_seconds: float = Field(60.0, gt=0, description="generation time per request; then 504")
+
+
+class AppConfig(Section):
+    """The Streamlit comparison app (``make app``): request limits and where models come from."""
+
+    max_prompt_chars: int = Field(2000, gt=0, description="characters in a prompt; longer is refused")
+    max_prompt_tokens: int = Field(1024, gt=0, description="tokens in a prompt (each model's tokenizer)")
+    max_new_tokens: int = Field(
+        256, gt=0, le=4096, description="top of the max-new-tokens slider (also capped by each model's context)"
+    )
+    cached_models: int = Field(
+        4, gt=0, le=64, description="onnxruntime sessions kept in memory; the least recently used goes"
+    )
+    registered_model: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_.\-]+$", description="also list this MLflow registered model's versions"
+    )
+    mlflow_ui_url: str | None = Field(
+        None, pattern=r"^https?://\S+$", description="e.g. http://127.0.0.1:5000: run ids become links"
+    )
 
 
 class Params(Section):
@@ -261,6 +302,7 @@ class Params(Section):
     mlflow: MlflowConfig = MlflowConfig()
     pipeline: PipelineConfig = PipelineConfig()
     serve: ServeConfig = ServeConfig()
+    app: AppConfig = AppConfig()
 
     @model_validator(mode="after")
     def _model_fits_tokenizer(self) -> "Params":

@@ -1,17 +1,12 @@
 """The ``evaluate`` stage: figures for one checkpoint over the whole validation split.
 
-- loss: mean cross-entropy in nats per predicted token;
-- perplexity: exp(loss);
-- bits per byte: total nats / (ln 2 × UTF-8 bytes of the text). Unlike loss, it does not
-  depend on the tokenizer, so models with different vocabularies compare.
-
-The split is cut into consecutive windows of ``context_length`` tokens; every token but the
-first is predicted exactly once, from the tokens before it in its window.
+Loss (nats/token), perplexity and bits per byte, computed as :mod:`openllm.scoring` defines
+them: the split is cut into consecutive windows of ``context_length`` tokens and every token
+but the first is predicted exactly once, from the tokens before it in its window.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +21,7 @@ from .errors import OpenLLMError
 from .fileio import read_json, write_json
 from .model import GPT
 from .sampling import Sampling
+from .scoring import language_metrics, score_windows
 from .tokenizer import load_tokenizer
 from .torch_generate import generate_text
 
@@ -40,16 +36,9 @@ def token_nats(model: GPT, tokens: np.ndarray, batch_size: int = 8,
     """Total negative log-likelihood (nats) of ``tokens[1:]`` and how many tokens that is."""
     if len(tokens) < 2:
         raise EvaluationError("need at least 2 tokens to score (the first one has no context)")
-    context = model.config.context_length
     device = next(model.parameters()).device
-    # Window i predicts tokens[i*C + 1 : i*C + C + 1] from tokens[i*C : i*C + C].
-    starts = range(0, len(tokens) - 1, context)
-    full = [s for s in starts if s + context + 1 <= len(tokens)]
-    batches = [full[i : i + batch_size] for i in range(0, len(full), batch_size)]
-    batches += [[s] for s in starts if s + context + 1 > len(tokens)]  # the shorter last window
     total, count = 0.0, 0
-    for batch in batches:
-        length = min(context, len(tokens) - 1 - batch[0])
+    for length, batch in score_windows(len(tokens), model.config.context_length, batch_size):
         window = np.stack([tokens[s : s + length + 1] for s in batch]).astype(np.int64)
         window = torch.from_numpy(window).to(device)
         logits, _ = model(window[:, :-1], use_cache=False)
@@ -60,16 +49,14 @@ def token_nats(model: GPT, tokens: np.ndarray, batch_size: int = 8,
     return total, count
 
 
-def language_metrics(total_nats: float, tokens: int, text_bytes: int) -> dict[str, float]:
-    """Loss, perplexity and bits per byte from totals (the one place these formulas live)."""
-    loss = total_nats / tokens
-    return {
-        "loss": loss,
-        "perplexity": math.exp(min(loss, 700.0)),
-        "bits_per_byte": total_nats / (math.log(2) * text_bytes),
-        "tokens": tokens,
-        "bytes": text_bytes,
-    }
+def score_text(checkpoint_dir: Path, text: str) -> dict[str, float]:
+    """Loss, perplexity and bits per byte of ``text`` under a PyTorch checkpoint."""
+    model = ckpt.load_model(checkpoint_dir)
+    ids = load_tokenizer(checkpoint_dir / ckpt.TOKENIZER).encode(text)
+    if len(ids) < 2:
+        raise EvaluationError("the text is too short to score (it needs at least 2 tokens)")
+    total, count = token_nats(model, np.asarray(ids, np.int64))
+    return language_metrics(total, count, len(text.encode("utf-8")))
 
 
 def write_samples(model: GPT, tokenizer, cfg: EvaluateConfig, step: int, path: Path) -> str:

@@ -1,0 +1,204 @@
+"""Load test of ``openllm serve``: concurrent OpenAI clients, latency, tokens/s and memory.
+
+    python bench/server_load.py --model models/export/step-600 --out bench-server.json
+    python bench/server_load.py --url http://127.0.0.1:8000 --model step-600 --pid 12345
+
+Without ``--url`` it starts ``openllm serve --model MODEL`` on a free port of 127.0.0.1 itself
+(with params.yaml's ``serve`` section, ``max_concurrent`` raised to ``--clients``) and stops it
+at the end; with ``--url`` it uses a running server, whose process id ``--pid`` lets it read
+the memory. ``--clients`` threads, each with its own ``openai.OpenAI`` client,
+send ``--requests`` non-streaming completions one after the other (``--max-tokens`` new
+tokens, a different seed each). After a short warm-up (which is not measured) it reports:
+
+- latency percentiles p50 / p95 / max of whole requests, as clients see them;
+- tokens/s: completion tokens of all clients / wall time (throughput, not per request);
+- the server's resident memory (RSS) before and after the measured requests: steady growth
+  over a few hundred requests would mean a leak.
+
+Any failed request counts as an error (with ``max_retries=0``, a 429 is an error too: the
+server's ``serve.max_concurrent`` should be at least ``--clients``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import psutil
+import yaml
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The nearest-rank percentile: the smallest value with at least ``q`` of them at or below it."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of process ``pid``, in MiB."""
+    return psutil.Process(pid).memory_info().rss / 2**20
+
+
+def run_load(
+    base_url: str, model: str, clients: int = 8, requests_per_client: int = 25, max_tokens: int = 16,
+    prompt: str = "ROMEO:\n", timeout: float = 60.0,
+) -> dict[str, Any]:
+    """Send ``clients * requests_per_client`` completions from ``clients`` threads; the figures."""
+    latencies: list[float] = []
+    errors: list[str] = []
+    tokens = 0
+    lock = threading.Lock()
+
+    def one_client(number: int) -> None:
+        nonlocal tokens
+        client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=timeout)
+        with client:
+            for i in range(requests_per_client):
+                started = time.perf_counter()
+                try:
+                    response = client.completions.create(
+                        model=model, prompt=prompt, max_tokens=max_tokens, seed=number * requests_per_client + i,
+                    )
+                except openai.OpenAIError as exc:  # counted, and the client goes on
+                    with lock:
+                        errors.append(f"{type(exc).__name__}: {exc}")
+                    continue
+                elapsed = time.perf_counter() - started
+                with lock:
+                    latencies.append(elapsed)
+                    tokens += response.usage.completion_tokens
+
+    threads = [threading.Thread(target=one_client, args=(n,)) for n in range(clients)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - started
+    result: dict[str, Any] = {
+        "clients": clients, "requests": len(latencies) + len(errors), "errors": len(errors),
+        "first_errors": errors[:5], "max_tokens": max_tokens, "wall_seconds": wall,
+        "completion_tokens": tokens, "tokens_per_second": tokens / wall, "requests_per_second": len(latencies) / wall,
+    }
+    if latencies:
+        result.update(p50_ms=1000 * percentile(latencies, 0.50), p95_ms=1000 * percentile(latencies, 0.95),
+                      max_ms=1000 * max(latencies))
+    return result
+
+
+def measure(base_url: str, model: str, pid: int | None = None, warmup: int = 2, **load: Any) -> dict[str, Any]:
+    """A warm-up round, then :func:`run_load` with the server's RSS read before and after."""
+    run_load(base_url, model, clients=load.get("clients", 8), requests_per_client=warmup,
+             max_tokens=load.get("max_tokens", 16))
+    before = rss_mb(pid) if pid else None
+    result = run_load(base_url, model, **load)
+    if pid:
+        after = rss_mb(pid)
+        result.update(rss_before_mb=before, rss_after_mb=after, rss_growth_mb=after - before)
+    return result
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until_healthy(base_url: str, process: subprocess.Popen | None = None, timeout: float = 120) -> None:
+    """Poll ``GET /health`` until it answers 200; fail early if ``process`` exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"the server exited with status {process.returncode}")
+        try:
+            if httpx.get(f"{base_url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{base_url} did not become healthy in {timeout:g} s")
+
+
+def start_server(models: list[str], port: int, log: Path, cwd: str | Path = ".", params: str = "params.yaml"):
+    """``openllm serve`` in a subprocess (output in ``log``); returns (process, base URL) once healthy."""
+    command = [sys.executable, "-m", "openllm", "--params", params, "serve", "--port", str(port)]
+    for model in models:
+        command += ["--model", model]
+    with open(log, "wb") as out:
+        process = subprocess.Popen(command, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_healthy(base_url, process)
+    except RuntimeError as exc:
+        stop_server(process)
+        raise RuntimeError(f"{exc}; its output:\n{Path(log).read_text(errors='replace')[-3000:]}") from None
+    return process, base_url
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    process.terminate()  # uvicorn shuts down cleanly on SIGTERM
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="export folder or models:/ URI; with --url: a model id")
+    parser.add_argument("--url", help="a running server (default: start one)")
+    parser.add_argument("--pid", type=int, help="with --url: the server's process id, to read its memory")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=25, help="requests per client")
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--prompt", default="ROMEO:\n")
+    parser.add_argument("--params", default="params.yaml", help="without --url: the server's parameters")
+    parser.add_argument("--out", type=Path, default=Path("bench-server.json"))
+    args = parser.parse_args()
+
+    load = dict(clients=args.clients, requests_per_client=args.requests, max_tokens=args.max_tokens, prompt=args.prompt)
+    if args.url:
+        result = measure(args.url.rstrip("/"), args.model, args.pid, **load)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            # Every client may generate at once: this measures speed, not the 429 of a full server.
+            params = yaml.safe_load(Path(args.params).read_text(encoding="utf-8"))
+            params.setdefault("serve", {})["max_concurrent"] = args.clients
+            params_file = Path(tmp) / "params.yaml"
+            params_file.write_text(yaml.safe_dump(params), encoding="utf-8")
+            process, base_url = start_server([args.model], free_port(), args.out.with_suffix(".log"),
+                                             params=str(params_file))
+            try:
+                name = httpx.get(f"{base_url}/v1/models").json()["data"][0]["id"]
+                result = measure(base_url, name, process.pid, **load)
+            finally:
+                stop_server(process)
+    result.update(model=args.model, cpu_count=os.cpu_count())
+
+    print(f"{result['requests']} requests from {result['clients']} clients, {args.max_tokens} max tokens: "
+          f"{result['errors']} errors")
+    if "p50_ms" in result:
+        print(f"latency p50 {result['p50_ms']:.0f} ms, p95 {result['p95_ms']:.0f} ms, max {result['max_ms']:.0f} ms; "
+              f"{result['tokens_per_second']:.0f} tokens/s, {result['requests_per_second']:.1f} requests/s")
+    if "rss_before_mb" in result:
+        print(f"server RSS {result['rss_before_mb']:.1f} MiB before, {result['rss_after_mb']:.1f} MiB after "
+              f"({result['rss_growth_mb']:+.1f} MiB)")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,448 @@
+"""The one text generator for users: onnxruntime + SentencePiece + numpy, no PyTorch.
+
+The CLI (``openllm generate``, ``openllm score``), the Streamlit app and the HTTP server all
+load an :class:`OnnxGenerator` from an export folder (``models/export/step-N``, written by
+:mod:`openllm.export`) or from the MLflow Model Registry (``models:/<name>@<alias>``), so a
+served model behaves exactly like the one that was verified at export time.
+
+Behaviour worth knowing:
+
+- Tokens are chosen by :func:`openllm.sampling.sample_next`, the sampler of the PyTorch paths.
+  Prompt ``i`` of a batch is sampled with its own generator seeded ``seed + i``, so a prompt's
+  text does not depend on what else is in the batch (and prompt 0 matches a lone prompt).
+- A prompt longer than the context keeps its last ``context_length - 1`` tokens (like
+  :func:`openllm.torch_generate.generate_ids`); ``truncated_prompt_tokens`` says how many were
+  dropped. Generation stops at the context limit with ``finish_reason == "length"``.
+- Text is produced from token bytes with an incremental UTF-8 decoder: a character split over
+  several byte-fallback tokens is only shown once complete, and streamed pieces never include
+  (or run past) a stop string. Text equals SentencePiece's ``decode`` except for invalid byte
+  sequences, which may become a different number of U+FFFD characters.
+"""
+
+from __future__ import annotations
+
+import codecs
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from .errors import OpenLLMError
+from .fileio import read_json, sha256_file
+from .sampling import Sampling, sample_next
+from .scoring import language_metrics, score_windows
+from .tokenizer import load_tokenizer
+
+CONFIG_FILE = "config.json"  # the runtime config written by the export stage
+FORMAT = "openllm-onnx/1"
+REGISTRY_PREFIX = "models:/"
+
+
+class ModelLoadError(OpenLLMError):
+    """An export folder or registry model is missing, incomplete or corrupt."""
+
+
+class GenerationError(OpenLLMError, ValueError):
+    """A prompt, token ids or sampling settings that cannot be run."""
+
+
+def input_names(n_layer: int) -> list[str]:
+    """ONNX input names, in the Hugging Face Optimum / onnxruntime-genai convention."""
+    past = [f"past_key_values.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
+    return ["input_ids", "attention_mask", "position_ids", *past]
+
+
+def output_names(n_layer: int) -> list[str]:
+    return ["logits", *(f"present.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value"))]
+
+
+@dataclass
+class GenerationResult:
+    """One prompt's completion and how it went."""
+
+    text: str  # the completion (without the prompt), cut before a stop string
+    token_ids: list[int]  # generated ids (an end-of-text id is not included)
+    prompt_tokens: int  # prompt tokens the model read
+    completion_tokens: int
+    finish_reason: str  # "stop" (end-of-text or a stop string) | "length" (max tokens or context)
+    seconds: float  # wall time of the whole call (shared by the prompts of a batch)
+    time_to_first_token: float  # seconds until the first new token was chosen
+    truncated_prompt_tokens: int = 0  # tokens dropped from the start of an over-long prompt
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.completion_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+class _TextAssembler:
+    """Generated tokens -> text that is safe to show, for one prompt.
+
+    Safe means: whole UTF-8 characters only, and nothing that might still turn out to be the
+    start of a stop string. Invalid bytes become U+FFFD.
+    """
+
+    def __init__(self, token_bytes: list[bytes], stops: Sequence[str]) -> None:
+        self._token_bytes = token_bytes
+        self._stops = stops
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._text = ""  # everything decoded so far
+        self._shown = 0  # characters of _text already handed out
+        self.stopped = False
+
+    def add(self, token: int) -> str:
+        """Append one token; return the newly safe text ('' if none)."""
+        self._text += self._decoder.decode(self._token_bytes[token])
+        hits = [i for i in (self._text.find(s) for s in self._stops) if i >= 0]
+        if hits:  # earliest stop string: show what precedes it, then nothing more
+            self.stopped = True
+            return self._take(min(hits))
+        # Hold back the longest tail that is a proper prefix of some stop string.
+        held = max(
+            (k for s in self._stops for k in range(1, len(s)) if self._text.endswith(s[:k])),
+            default=0,
+        )
+        return self._take(len(self._text) - held)
+
+    def finish(self) -> str:
+        """The held-back rest at the end of generation (incomplete bytes become U+FFFD)."""
+        if self.stopped:
+            return ""
+        self._text += self._decoder.decode(b"", final=True)
+        return self._take(len(self._text))
+
+    def _take(self, end: int) -> str:
+        piece, self._shown = self._text[self._shown:end], max(self._shown, end)
+        return piece
+
+    @property
+    def text(self) -> str:
+        return self._text[: self._shown]
+
+
+def _token_bytes(tokenizer) -> list[bytes]:
+    """The UTF-8 bytes each token id stands for (what SentencePiece's decode joins)."""
+    table = []
+    for i in range(tokenizer.vocab_size()):
+        piece = tokenizer.id_to_piece(i)
+        if tokenizer.is_byte(i):  # byte-fallback piece "<0xE2>"
+            table.append(bytes([int(piece[3:5], 16)]))
+        elif tokenizer.is_control(i):  # <s>, </s>: no text
+            table.append(b"")
+        elif tokenizer.is_unknown(i):
+            table.append(" \u2047 ".encode())  # SentencePiece's surface for <unk>
+        else:
+            table.append(piece.replace("\u2581", " ").encode())
+    return table
+
+
+class OnnxGenerator:
+    """Generate and score text with an exported model; build it with :meth:`load`."""
+
+    def __init__(self, session: ort.InferenceSession, tokenizer, config: dict[str, Any], source: str) -> None:
+        self.session = session
+        self.tokenizer = tokenizer
+        self.config = config
+        self.source = source  # where it was loaded from, for messages
+        self.n_layer, self.n_head, self.head_dim = config["n_layer"], config["n_head"], config["head_dim"]
+        self.context_length: int = config["context_length"]
+        self.vocab_size: int = config["vocab_size"]
+        self.eos_id: int = config["eos_id"]
+        self.default_sampling = Sampling(**config["sampling"])
+        self._token_bytes = _token_bytes(tokenizer)
+
+    # --- loading -----------------------------------------------------------------------
+
+    @classmethod
+    def load(
+        cls, path: str | Path, quantized: bool = False, threads: int = 0,
+        providers: Sequence[str] = ("CPUExecutionProvider",),
+    ) -> OnnxGenerator:
+        """Load an export folder, or ``models:/<name>@<alias>`` / ``models:/<name>/<version>``.
+
+        ``quantized`` picks ``model.int8.onnx`` instead of the fp32 ``model.onnx``;
+        ``threads`` sets onnxruntime's intra-op threads (0 = its default, one per core).
+        """
+        if str(path).startswith(REGISTRY_PREFIX):
+            return cls._load_registry(str(path), quantized, threads, providers)
+        folder = Path(path)
+        if not folder.is_dir():
+            raise ModelLoadError(f"{folder}: model folder not found (run `openllm export` first)")
+        config = _read_config(folder)
+        name = config["files"]["model_int8" if quantized else "model"]
+        if name is None:
+            raise ModelLoadError(f"{folder}: has no int8 model (export.quantize was off)")
+        model_path, tokenizer_path = _find(folder, name), _find(folder, config["files"]["tokenizer"])
+        for path in (model_path, tokenizer_path):  # catches any corruption, not just unparsable files
+            expected = config["sha256"].get(path.name)
+            if expected and sha256_file(path) != expected:
+                raise ModelLoadError(f"{path}: corrupt (sha256 differs from {CONFIG_FILE})")
+        tokenizer = load_tokenizer(tokenizer_path)
+        if tokenizer.vocab_size() != config["vocab_size"]:
+            raise ModelLoadError(
+                f"{folder}: the tokenizer has {tokenizer.vocab_size()} pieces, the model {config['vocab_size']}"
+            )
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads
+        options.log_severity_level = 3  # errors only
+        try:
+            session = ort.InferenceSession(str(model_path), options, providers=list(providers))
+        except Exception as exc:  # onnxruntime raises its own exception types for bad files
+            raise ModelLoadError(f"{model_path}: onnxruntime cannot load it ({str(exc).splitlines()[0]})") from None
+        got = [i.name for i in session.get_inputs()]
+        if got != input_names(config["n_layer"]):
+            raise ModelLoadError(f"{model_path}: unexpected inputs {got}")
+        try:
+            return cls(session, tokenizer, config, str(model_path))
+        except (KeyError, TypeError, ValueError) as exc:  # e.g. invalid default sampling
+            raise ModelLoadError(f"{folder}: invalid {CONFIG_FILE} ({exc})") from None
+
+    @classmethod
+    def _load_registry(cls, uri: str, quantized: bool, threads: int, providers: Sequence[str]) -> OnnxGenerator:
+        """Download a registered model's files (MLflow), load them, drop the download."""
+        import mlflow  # only here: the registry is optional for serving
+
+        from . import tracking
+
+        mlflow.set_tracking_uri(tracking.tracking_uri())
+        with tempfile.TemporaryDirectory(prefix="openllm-model-") as tmp:
+            try:
+                folder = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp)
+            except Exception as exc:  # MlflowException: unknown name, alias or version
+                raise ModelLoadError(f"{uri}: cannot download from the MLflow registry ({exc})") from None
+            generator = cls.load(folder, quantized, threads, providers)  # all in memory afterwards
+        generator.source = uri
+        return generator
+
+    # --- one model call ----------------------------------------------------------------
+
+    def empty_past(self, batch: int) -> list[np.ndarray]:
+        """A KV cache holding no tokens: ``2 * n_layer`` arrays (batch, H, 0, D)."""
+        return [np.zeros((batch, self.n_head, 0, self.head_dim), np.float32) for _ in range(2 * self.n_layer)]
+
+    def forward(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, past: list[np.ndarray]
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Run the model once: logits (B, T, V) and the cache grown by T tokens."""
+        feed = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64),
+                "position_ids": position_ids.astype(np.int64)}
+        feed.update(zip(input_names(self.n_layer)[3:], past))
+        logits, *present = self.session.run(None, feed)
+        return logits, present
+
+    # --- text --------------------------------------------------------------------------
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return b"".join(self._token_bytes[i] for i in ids).decode("utf-8", errors="replace")
+
+    def count_bytes(self, ids: Sequence[int]) -> int:
+        """UTF-8 bytes that ``ids`` stand for (the denominator of bits per byte)."""
+        return sum(len(self._token_bytes[i]) for i in ids)
+
+    def sampling(self, **overrides: Any) -> Sampling:
+        """The model's default sampling (from the export) with ``overrides`` (None = keep)."""
+        changes = {k: v for k, v in overrides.items() if v is not None}
+        try:
+            return replace(self.default_sampling, **changes)
+        except (TypeError, ValueError) as exc:
+            raise GenerationError(str(exc)) from None
+
+    def generate(self, prompt: str, sampling: Sampling | None = None, stop: Sequence[str] = ()) -> GenerationResult:
+        """Complete one prompt."""
+        return self.generate_batch([prompt], sampling, stop)[0]
+
+    def generate_batch(
+        self, prompts: Sequence[str], sampling: Sampling | None = None, stop: Sequence[str] = ()
+    ) -> list[GenerationResult]:
+        """Complete several prompts in one batch (left-padded)."""
+        return self.generate_tokens(self._encode_prompts(prompts), sampling, stop)
+
+    def generate_tokens(
+        self, prompt_ids: Sequence[Sequence[int]], sampling: Sampling | None = None, stop: Sequence[str] = ()
+    ) -> list[GenerationResult]:
+        """Complete already-tokenized prompts (one list of ids per prompt)."""
+        results: list[GenerationResult] = []
+        for _ in self._run(prompt_ids, sampling, stop, results):
+            pass
+        return results
+
+    def stream(
+        self, prompt: str, sampling: Sampling | None = None, stop: Sequence[str] = (),
+        results: list[GenerationResult] | None = None,
+    ) -> Iterator[str]:
+        """Yield the completion as it is generated, in pieces of whole characters.
+
+        The pieces join to ``generate(...).text``; pass a list as ``results`` to receive the
+        :class:`GenerationResult` (finish reason, counts, timings) when the stream ends.
+        """
+        results = [] if results is None else results
+        for _, piece in self._run(self._encode_prompts([prompt]), sampling, stop, results):
+            yield piece
+
+    # --- the generation loop -------------------------------------------------------------
+
+    def _encode_prompts(self, prompts: Sequence[str]) -> list[list[int]]:
+        if isinstance(prompts, str) or not prompts:
+            raise GenerationError("give a non-empty list of prompts")
+        for prompt in prompts:
+            if not isinstance(prompt, str) or not prompt:
+                raise GenerationError("the prompt is empty")
+        return [self.encode(p) for p in prompts]
+
+    def _check(self, prompt_ids: Sequence[Sequence[int]], sampling: Sampling, stop: Sequence[str]) -> list[list[int]]:
+        """Validate everything before the first model call; return the ids as plain lists."""
+        if isinstance(stop, str) or not all(isinstance(s, str) and s for s in stop):
+            raise GenerationError("stop must be a list of non-empty strings")
+        if not isinstance(sampling, Sampling):
+            raise GenerationError(f"sampling must be a Sampling, got {type(sampling).__name__}")
+        if sampling.max_new_tokens > self.context_length - 1:
+            raise GenerationError(
+                f"max_new_tokens={sampling.max_new_tokens} is more than this model can ever write "
+                f"(at most {self.context_length - 1}: its context is {self.context_length} tokens)"
+            )
+        if not prompt_ids:
+            raise GenerationError("no prompts given")
+        checked = []
+        for ids in prompt_ids:
+            ids = [int(i) for i in ids]
+            if not ids:
+                raise GenerationError("the prompt is empty")
+            if min(ids) < 0 or max(ids) >= self.vocab_size:
+                raise GenerationError(f"token ids must be in [0, {self.vocab_size})")
+            checked.append(ids)
+        return checked
+
+    def _run(
+        self, prompt_ids: Sequence[Sequence[int]], sampling: Sampling | None, stop: Sequence[str],
+        results: list[GenerationResult],
+    ) -> Iterator[tuple[int, str]]:
+        """Yield ``(prompt index, new text)`` as text becomes final; append the results at the end."""
+        sampling = self.default_sampling if sampling is None else sampling
+        prompts = self._check(prompt_ids, sampling, stop)
+        started = time.perf_counter()
+        keep = self.context_length - 1  # an over-long prompt keeps its end, leaving room for one token
+        dropped = [max(0, len(p) - keep) for p in prompts]
+        prompts = [p[-keep:] for p in prompts]
+        B, L = len(prompts), max(len(p) for p in prompts)
+        ids = np.zeros((B, L), np.int64)
+        mask = np.zeros((B, L), np.int64)  # 0 = left padding
+        for i, p in enumerate(prompts):
+            ids[i, L - len(p):] = p
+            mask[i, L - len(p):] = 1
+        positions = np.maximum(mask.cumsum(axis=1) - 1, 0)  # every prompt starts at position 0
+        budget = [min(sampling.max_new_tokens, self.context_length - len(p)) for p in prompts]
+        rngs = [np.random.default_rng(None if sampling.seed is None else sampling.seed + i) for i in range(B)]
+        texts = [_TextAssembler(self._token_bytes, list(stop)) for _ in range(B)]
+        new: list[list[int]] = [[] for _ in range(B)]
+        finish: list[str | None] = [None] * B
+        first_token = 0.0
+
+        logits, past = self.forward(ids, mask, positions, self.empty_past(B))  # prefill
+        next_position = positions[:, -1:] + 1
+        while True:
+            tokens = np.full((B, 1), self.eos_id, np.int64)  # finished rows just carry EOS along
+            for i in range(B):
+                if finish[i] is None:
+                    tokens[i, 0] = sample_next(logits[i : i + 1, -1], sampling, rngs[i])[0]
+            first_token = first_token or time.perf_counter() - started
+            for i in range(B):
+                if finish[i] is not None:
+                    continue
+                token = int(tokens[i, 0])
+                piece = ""
+                if token == self.eos_id:
+                    finish[i], piece = "stop", texts[i].finish()
+                else:
+                    new[i].append(token)
+                    piece = texts[i].add(token)
+                    if texts[i].stopped:
+                        finish[i] = "stop"
+                    elif len(new[i]) >= budget[i]:
+                        finish[i] = "length"
+                        piece += texts[i].finish()
+                if piece:
+                    yield i, piece
+            if all(finish):
+                break
+            mask = np.concatenate([mask, np.ones((B, 1), np.int64)], axis=1)
+            logits, past = self.forward(tokens, mask, next_position, past)
+            next_position = next_position + 1
+
+        seconds = time.perf_counter() - started
+        for i in range(B):
+            results.append(GenerationResult(
+                text=texts[i].text, token_ids=new[i], prompt_tokens=len(prompts[i]),
+                completion_tokens=len(new[i]), finish_reason=finish[i], seconds=seconds,
+                time_to_first_token=first_token, truncated_prompt_tokens=dropped[i],
+            ))
+
+    # --- scoring -------------------------------------------------------------------------
+
+    def score(self, text: str) -> dict[str, float]:
+        """Loss (nats/token), perplexity and bits per byte of ``text`` under the model.
+
+        Bits per byte = total nats / (ln 2 x UTF-8 bytes of the text): unlike the loss, it does
+        not depend on the tokenizer. Same windows and formulas as the evaluate stage.
+        """
+        if not isinstance(text, str):
+            raise GenerationError("the text to score must be a string")
+        ids = self.encode(text)
+        if len(ids) < 2:
+            raise GenerationError("the text is too short to score (it needs at least 2 tokens)")
+        total, count = self.score_ids(np.asarray(ids, np.int64))
+        return language_metrics(total, count, len(text.encode("utf-8")))
+
+    def score_ids(self, tokens: np.ndarray, batch_size: int = 8) -> tuple[float, int]:
+        """Total negative log-likelihood (nats) of ``tokens[1:]`` and how many tokens that is.
+
+        The ids are cut into consecutive windows of ``context_length``; each token but the first
+        is predicted once, from the tokens before it in its window.
+        """
+        tokens = np.asarray(tokens, np.int64)
+        if tokens.ndim != 1 or len(tokens) < 2:
+            raise GenerationError("need a 1-D array of at least 2 token ids to score")
+        if tokens.min() < 0 or tokens.max() >= self.vocab_size:
+            raise GenerationError(f"token ids must be in [0, {self.vocab_size})")
+        total, count = 0.0, 0
+        for length, batch in score_windows(len(tokens), self.context_length, batch_size):
+            window = np.stack([tokens[s : s + length + 1] for s in batch])  # (B, length + 1)
+            B = len(batch)
+            logits, _ = self.forward(window[:, :-1], np.ones((B, length), np.int64),
+                                     np.broadcast_to(np.arange(length), (B, length)), self.empty_past(B))
+            logits = logits.astype(np.float64)
+            top = logits.max(axis=-1, keepdims=True)
+            log_z = np.log(np.exp(logits - top).sum(axis=-1)) + top[..., 0]  # log-sum-exp, (B, T)
+            picked = np.take_along_axis(logits, window[:, 1:, None], axis=-1)[..., 0]
+            total += float((log_z - picked).sum())
+            count += B * length
+        return total, count
+
+
+def _find(folder: Path, name: str) -> Path:
+    """A file of the export; MLflow downloads keep the extra files in ``extra_files/``."""
+    for candidate in (folder / name, folder / "extra_files" / name):
+        if candidate.is_file():
+            return candidate
+    raise ModelLoadError(f"{folder}: {name} is missing")
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    path = _find(folder, CONFIG_FILE)
+    try:
+        config = read_json(path)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{path}: unreadable ({exc})") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise ModelLoadError(f"{path}: not an OpenLLM export config (expected format {FORMAT!r})")
+    needed = ("n_layer", "n_head", "head_dim", "context_length", "vocab_size", "eos_id", "sampling", "files", "sha256")
+    missing = [key for key in needed if key not in config]
+    if missing:
+        raise ModelLoadError(f"{path}: missing key(s) {missing}")
+    return config
