@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import math
 import random
+import re
 import shutil
 import subprocess
 
 import pytest
 import yaml
 
-from helpers import snapshot_tree, subprocess_env, write_params
+from helpers import deep_merge, snapshot_tree, subprocess_env, write_params
 
 STAGES = ("download", "tokenize")  # dvc.yaml has later stages; only these two are run here
 
@@ -49,7 +51,7 @@ def dvc_repo(tmp_path, repo_root):
     )
 
     def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-        result = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=180)
+        result = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
         if check:
             assert result.returncode == 0, f"{args}:\n{result.stdout}\n{result.stderr}"
         return result
@@ -136,3 +138,81 @@ def test_stage_error_reaches_dvc(dvc_repo):
     assert "error: data.files.glob='no-such-folder/*.txt' matches no files" in out
     assert "Traceback" not in out
     assert not (repo / "data" / "raw").exists()
+
+
+# --- the whole pipeline ------------------------------------------------------------------
+
+TINY_PIPELINE = {
+    "data": {"source": "files", "files": {"glob": "corpus/*.txt"}},
+    "tokenizer": {"vocab_size": 512, "workers": 1},
+    "model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "intermediate_size": 64, "context_length": 32},
+    "train": {"max_steps": 20, "checkpoint_steps": [10, 20], "batch_size": 4, "eval_interval": 10,
+              "eval_batches": 2, "compile": "false", "sample_tokens": 4, "warmup_steps": 2,
+              "resume_interval": 10, "device": "cpu", "precision": "fp32"},
+    "evaluate": {"prompts": ["Ka"], "sampling": {"max_new_tokens": 4}},
+    "export": {"quantize": False, "huggingface": False, "register_model": True},
+}
+
+
+def ran_stages(result: subprocess.CompletedProcess) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", result.stdout + result.stderr))
+
+
+def test_full_pipeline_checkpoints_metrics_plots_and_experiments(dvc_repo, repo_root):
+    repo, run = dvc_repo
+    for name in ("config", "offline_plots.html"):  # the project's DVC settings: offline plots
+        shutil.copy2(repo_root / ".dvc" / name, repo / ".dvc" / name)
+    write_params(repo, TINY_PIPELINE)
+    run("git", "add", "-A")
+    run("git", "commit", "-q", "-m", "tiny pipeline")
+
+    # 1. `dvc repro` builds every stage, one evaluate and export per listed checkpoint.
+    first = run("dvc", "repro")
+    per_step = {f"{stage}@{step}" for stage in ("evaluate", "export") for step in (10, 20)}
+    assert ran_stages(first) == {"download", "tokenize", "train", "report"} | per_step
+    for step in (10, 20):
+        assert (repo / "models" / "checkpoints" / f"step-{step}" / "COMPLETE").is_file()
+        assert (repo / "models" / "export" / f"step-{step}" / "model.onnx").is_file()
+    assert (repo / "mlflow.db").is_file()  # the default store, inside the repository
+
+    # 2. Nothing changed: nothing runs.
+    assert ran_stages(run("dvc", "repro")) == set()
+
+    # 3. `dvc metrics show` lists every checkpoint.
+    metrics = json.loads(run("dvc", "metrics", "show", "--json").stdout)
+    files = next(iter(metrics.values()))["data"]
+    for step in (10, 20):
+        figures = files[f"metrics/evaluate/step-{step}.json"]["data"]
+        assert figures["step"] == step and figures["val_loss"] > 0
+        assert abs(figures["val_perplexity"] - math.exp(figures["val_loss"])) < 1e-6 * figures["val_perplexity"]
+    assert files["metrics/train.json"]["data"]["steps"] == 20
+
+    # 4. `dvc plots show` writes HTML that needs no network (no CDN script).
+    run("dvc", "plots", "show", "-o", "plots-html")
+    html = (repo / "plots-html" / "index.html").read_text(encoding="utf-8")
+    assert "<script" in html and not re.search(r"<script[^>]+src=[\"']https?:", html), html[:2000]
+    assert "val_bits_per_byte" in html and "training_curves.png" in html
+
+    # 5. A new checkpoint step: train resumes from step 20; only the new step is evaluated and exported.
+    kept = snapshot_tree(repo / "models" / "checkpoints" / "step-10")
+    evaluated = (repo / "metrics" / "evaluate" / "step-10.json").read_bytes()
+    write_params(repo, deep_merge(TINY_PIPELINE, {"train": {"max_steps": 30, "checkpoint_steps": [10, 20, 30]}}))
+    third = run("dvc", "repro")
+    assert ran_stages(third) == {"train", "evaluate@30", "export@30", "report"}, third.stdout
+    assert "resuming from" in third.stdout + third.stderr and "(step 20)" in third.stdout + third.stderr
+    assert snapshot_tree(repo / "models" / "checkpoints" / "step-10") == kept
+    assert (repo / "metrics" / "evaluate" / "step-10.json").read_bytes() == evaluated
+    steps = [int(line.split("\t")[0]) for line in
+             (repo / "metrics" / "train_steps.tsv").read_text(encoding="utf-8").splitlines()[1:]]
+    assert steps == list(range(1, 31))
+    run("git", "add", "-A")
+    run("git", "commit", "-q", "-m", "30 steps")
+
+    # 6. An experiment with one parameter changed reruns only what reads it.
+    experiment = run("dvc", "exp", "run", "-S", "evaluate.batch_size=3", "-n", "eval-batch-3")
+    assert ran_stages(experiment) >= {"evaluate@10", "evaluate@20", "evaluate@30"}
+    assert "train" not in ran_stages(experiment) and "tokenize" not in ran_stages(experiment)
+    shown = json.loads(run("dvc", "exp", "show", "--json").stdout)
+    names = [exp.get("name") for commit in shown for exp in (commit.get("experiments") or [])
+             for exp in [exp] + list(exp.get("revs") or [])]
+    assert "eval-batch-3" in json.dumps(shown), names
