@@ -76,16 +76,24 @@ class CharData:
 
 
 def train_for(seconds: float, train_text: str, cfg: CharConfig = CharConfig(), seed: int = 1337,
-              total_steps: int = 2000) -> tuple[CharGPT, CharData, int]:
-    """Train until ``seconds`` of wall-clock time have passed; return the model and steps taken."""
+              total_steps: int | None = None) -> tuple[CharGPT, CharData, int]:
+    """Train until ``seconds`` of wall-clock time have passed; return the model and steps taken.
+
+    The cosine schedule ends at ``total_steps``; by default, at the number of steps that fit in
+    ``seconds`` (estimated from the speed of the first 50 steps), so the baseline gets a
+    schedule fitted to its budget, as OpenLLM's own training does.
+    """
     torch.manual_seed(seed)
     data = CharData(train_text)
     model = CharGPT(cfg, data.vocab_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, betas=(0.9, 0.99), weight_decay=0.1)
     generator = torch.Generator().manual_seed(seed)
     started, step = time.perf_counter(), 0
+    planned = total_steps or 10**9
     while time.perf_counter() - started < seconds:
-        progress = min(1.0, step / total_steps)
+        if total_steps is None and step == 50:
+            planned = int(50 * seconds / (time.perf_counter() - started))
+        progress = min(1.0, step / planned)
         lr = (cfg.learning_rate * (step + 1) / cfg.warmup_steps if step < cfg.warmup_steps else
               cfg.min_learning_rate + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_learning_rate))
         for group in optimizer.param_groups:
@@ -102,13 +110,21 @@ def train_for(seconds: float, train_text: str, cfg: CharConfig = CharConfig(), s
 
 
 @torch.no_grad()
-def bits_per_byte(model: CharGPT, data: CharData, text: str, context: int) -> float:
-    """Total nats over consecutive windows of the text / (ln 2 x its UTF-8 bytes)."""
+def bits_per_byte(model: CharGPT, data: CharData, text: str, context: int, batch_size: int = 256) -> float:
+    """Total nats over consecutive windows of the text / (ln 2 x its UTF-8 bytes).
+
+    Every character but the first is predicted once, from the characters before it in its window.
+    """
     model.eval()
     ids = torch.from_numpy(data.encode(text))
+    starts = list(range(0, len(ids) - 1, context))
+    full = [s for s in starts if s + context + 1 <= len(ids)]
+    batches = [full[i : i + batch_size] for i in range(0, len(full), batch_size)]
+    batches += [[s] for s in starts if s + context + 1 > len(ids)]
     total = 0.0
-    for start in range(0, len(ids) - 1, context):
-        window = ids[start : start + context + 1][None]
+    for batch in batches:
+        length = min(context, len(ids) - 1 - batch[0])
+        window = torch.stack([ids[s : s + length + 1] for s in batch])
         logits = model(window[:, :-1])
-        total += F.cross_entropy(logits[0].double(), window[0, 1:], reduction="sum").item()
+        total += F.cross_entropy(logits.flatten(0, 1).double(), window[:, 1:].flatten(), reduction="sum").item()
     return total / (math.log(2) * len(text.encode("utf-8")))

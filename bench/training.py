@@ -21,19 +21,19 @@ import torch.nn.functional as F
 
 from openllm.config import MODEL_PRESETS
 from openllm.model import GPT, GPTConfig
-from openllm.perf import matmul_flops, mfu
+from openllm.perf import mfu, peak_matmul_flops
 
 VOCAB = {"tiny": 4096, "small": 32000}
-BATCH = {"tiny": 16, "small": 4}  # sequences per step: the default for tiny, memory-friendly for small
+BATCH = {"tiny": 8, "small": 4}  # sequences per step: the default for tiny, memory-friendly for small
 
 
-def time_steps(preset: str, precision: str, compiled: bool, steps: int, device: str) -> dict:
+def time_steps(preset: str, precision: str, compiled: bool, steps: int, device: str, batch: int | None = None) -> dict:
     torch.manual_seed(0)
     config = GPTConfig(vocab_size=VOCAB[preset], **MODEL_PRESETS[preset])
     model = GPT(config).to(device).train()
     optimizer = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95))
     forward = torch.compile(model) if compiled else model
-    batch, context = BATCH[preset], config.context_length
+    batch, context = batch or BATCH[preset], config.context_length
     tokens = torch.randint(0, config.vocab_size, (batch, context + 1), device=device)
     dtype = torch.bfloat16 if precision == "bf16" else None
 
@@ -49,6 +49,8 @@ def time_steps(preset: str, precision: str, compiled: bool, steps: int, device: 
     started = time.perf_counter()
     for _ in range(2):  # warm-up (and compilation)
         step()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
     warmup_seconds = time.perf_counter() - started
     started = time.perf_counter()
     for _ in range(steps):
@@ -71,7 +73,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
 
-    peaks = {name: matmul_flops(dtype, device=args.device) for name, dtype in
+    peaks = {name: peak_matmul_flops(dtype, device=args.device) for name, dtype in
              (("bf16", torch.bfloat16), ("fp32", torch.float32))}
     print(f"matmul peak on {args.device}: bf16 {peaks['bf16'] / 1e9:,.0f} GFLOP/s, fp32 {peaks['fp32'] / 1e9:,.0f} GFLOP/s")
     rows = []

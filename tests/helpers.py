@@ -25,6 +25,20 @@ TINY_DOCS: dict[str, str] = {
 }
 
 
+# Params for running the whole pipeline in seconds: a 1-layer model, 20 steps, two checkpoints,
+# a corpus of `corpus/*.txt` (write_params deep-merges this onto the repository's params.yaml).
+TINY_PIPELINE: dict[str, Any] = {
+    "data": {"source": "files", "files": {"glob": "corpus/*.txt"}},
+    "tokenizer": {"vocab_size": 400, "workers": 1},
+    "model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "intermediate_size": 64, "context_length": 32},
+    "train": {"max_steps": 20, "checkpoint_steps": [10, 20], "batch_size": 4, "eval_interval": 10,
+              "eval_batches": 2, "compile": "false", "sample_tokens": 4, "warmup_steps": 2,
+              "resume_interval": 10, "device": "cpu", "precision": "fp32"},
+    "evaluate": {"prompts": ["Ka"], "sampling": {"max_new_tokens": 4}},
+    "export": {"quantize": False, "huggingface": False, "register_model": False},
+}
+
+
 def deep_merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of ``base`` with ``overrides`` merged in (nested mappings merged key by key)."""
     merged = copy.deepcopy(dict(base))

@@ -39,18 +39,18 @@ BAD_OVERRIDES = {
     "wrong_type": ({"train": {"batch_size": "sixteen"}}, ["train.batch_size='sixteen'", "integer"]),
     "negative_batch_size": ({"train": {"batch_size": -4}}, ["train.batch_size=-4", "greater than 0"]),
     "checkpoint_beyond_max_steps": (
-        {"train": {"checkpoint_steps": [100, 700]}},
-        ["train.checkpoint_steps=[100, 700]", "beyond train.max_steps=600"]),
+        {"train": {"checkpoint_steps": [100, 1000]}},
+        ["train.checkpoint_steps=[100, 1000]", "beyond train.max_steps=900"]),
     "unsorted_checkpoint_steps": (
         {"train": {"checkpoint_steps": [200, 100, 600]}}, ["train.checkpoint_steps=[200, 100, 600]", "increasing"]),
     "repeated_checkpoint_steps": (
         {"train": {"checkpoint_steps": [100, 100, 600]}}, ["train.checkpoint_steps", "without repeats"]),
     "warmup_not_below_max_steps": (
-        {"train": {"warmup_steps": 600}}, ["train.warmup_steps=600", "train.max_steps=600"]),
+        {"train": {"warmup_steps": 900}}, ["train.warmup_steps=900", "train.max_steps=900"]),
     "min_lr_above_lr": (
         {"train": {"min_learning_rate": 0.01}}, ["train.min_learning_rate=0.01", "train.learning_rate=0.002"]),
     "batch_not_divisible_by_accumulation": (
-        {"train": {"gradient_accumulation_steps": 3}}, ["train.batch_size=16", "gradient_accumulation_steps=3"]),
+        {"train": {"gradient_accumulation_steps": 3}}, ["train.batch_size=8", "gradient_accumulation_steps=3"]),
     "unknown_data_source": ({"data": {"source": "s3"}}, ["data.source='s3'", "shakespeare", "files"]),
     "hf_without_dataset": ({"data": {"source": "hf"}}, ["data.source=hf needs data.hf.dataset"]),
     "files_without_glob": ({"data": {"source": "files"}}, ["data.source=files needs data.files.glob"]),

@@ -80,6 +80,21 @@ def test_bits_per_byte_counts_utf8_bytes_not_characters() -> None:
     assert figures["bits_per_byte"] == pytest.approx(10.0 / (math.log(2) * 17))
 
 
+@pytest.mark.parametrize("precision, tolerance", [("fp32", 1e-9), ("bf16", 1e-2)])
+def test_evaluation_precision(workspace: Path, tmp_path: Path, precision: str, tolerance: float) -> None:
+    """fp32 gives the exact figures; bf16 autocast (the default on CPUs with AVX-512) is close."""
+    model = ckpt.load_model(workspace / "models/checkpoints/step-5")
+    tokens = np.memmap(workspace / "data/tokenized/val.bin", dtype=np.uint16, mode="r")
+    exact = direct_nats(model, tokens) / (len(tokens) - 1)
+    cfg = EvaluateConfig(precision=precision, prompts=["Hi"], sampling={"max_new_tokens": 2})
+    metrics = evaluate_checkpoint(workspace / "models/checkpoints/step-5", workspace / "data/tokenized", cfg,
+                                  tmp_path / "m.json", tmp_path / "s.md")
+    assert metrics["eval_precision"] == precision
+    assert metrics["val_loss"] == pytest.approx(exact, rel=tolerance)
+    if precision == "bf16":
+        assert metrics["val_loss"] != exact  # it did run in bf16
+
+
 def test_evaluate_checkpoint_writes_metrics_and_samples(workspace: Path) -> None:
     cfg = EvaluateConfig(prompts=["Hello", "Café "], sampling={"max_new_tokens": 6, "seed": 3})
     out = workspace / "metrics"

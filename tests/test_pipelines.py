@@ -24,7 +24,7 @@ import httpx
 import pytest
 import yaml
 
-from helpers import REPO_ROOT, VENV_BIN, deep_merge, snapshot_tree, subprocess_env, write_params
+from helpers import REPO_ROOT, TINY_PIPELINE, VENV_BIN, deep_merge, snapshot_tree, subprocess_env, write_params
 
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))  # `pipelines` is a package at the repository root
@@ -46,17 +46,7 @@ EXPORT_READY = (REPO_ROOT / "src" / "openllm" / "export.py").is_file()
 EXPORT_MISSING = "src/openllm/export.py does not exist yet: the export stage cannot run"
 STAGES = [s for s in dvc_stages(REPO_ROOT) if EXPORT_READY or s != "export"]
 
-TINY: dict[str, Any] = {
-    "data": {"source": "files", "files": {"glob": "corpus/*.txt"}},
-    "tokenizer": {"vocab_size": 400, "workers": 1},
-    "model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "intermediate_size": 64, "context_length": 32},
-    "train": {"max_steps": 20, "checkpoint_steps": [10, 20], "batch_size": 4, "eval_interval": 10,
-              "eval_batches": 2, "compile": "false", "sample_tokens": 4, "warmup_steps": 2,
-              "resume_interval": 10, "device": "cpu", "precision": "fp32"},
-    "evaluate": {"prompts": ["Ka"], "sampling": {"max_new_tokens": 4}},
-    "export": {"quantize": False, "huggingface": False, "register_model": False},
-    "pipeline": {"retries": 2, "retry_delay_seconds": 0},
-}
+TINY = deep_merge(TINY_PIPELINE, {"pipeline": {"retries": 2, "retry_delay_seconds": 0}})
 
 
 def corpus_text(seed: int, words: int) -> str:

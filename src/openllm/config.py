@@ -130,11 +130,11 @@ class ModelConfig(Section):
 
 
 class TrainConfig(Section):
-    max_steps: int = Field(600, gt=0, description="optimizer steps")
+    max_steps: int = Field(900, gt=0, description="optimizer steps")
     checkpoint_steps: list[int] = Field(
-        [100, 200, 400, 600], min_length=1, description="steps at which a checkpoint is kept"
+        [100, 300, 600, 900], min_length=1, description="steps at which a checkpoint is kept"
     )
-    batch_size: int = Field(16, gt=0, description="sequences per optimizer step (global)")
+    batch_size: int = Field(8, gt=0, description="sequences per optimizer step (global)")
     gradient_accumulation_steps: int = Field(1, gt=0)
     learning_rate: float = Field(2e-3, gt=0, le=1.0)
     min_learning_rate: float = Field(2e-4, ge=0)
@@ -144,7 +144,7 @@ class TrainConfig(Section):
     beta2: float = Field(0.95, ge=0, lt=1)
     grad_clip: float = Field(1.0, ge=0, description="max gradient norm; 0 = off")
     eval_interval: int = Field(100, gt=0, description="steps between validation evaluations")
-    eval_batches: int = Field(8, gt=0, description="validation batches per evaluation")
+    eval_batches: int = Field(16, gt=0, description="validation batches per evaluation")
     early_stopping_patience: int = Field(
         0, ge=0, description="evaluations without improvement before stopping; 0 = off"
     )
@@ -203,6 +203,9 @@ class SamplingConfig(Section):
 
 class EvaluateConfig(Section):
     batch_size: int = Field(8, gt=0, description="windows per forward pass")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast where supported (as in training), else fp32"
+    )
     prompts: list[str] = Field(
         ["ROMEO:\n", "To be, or not to be", "KING HENRY V:\nOnce more"], min_length=1
     )

@@ -20,6 +20,7 @@ from .config import EvaluateConfig
 from .errors import OpenLLMError
 from .fileio import read_json, write_json
 from .model import GPT
+from .perf import bf16_supported
 from .sampling import Sampling
 from .scoring import language_metrics, score_windows
 from .tokenizer import load_tokenizer
@@ -88,8 +89,10 @@ def evaluate_checkpoint(checkpoint_dir: Path, tokenized_dir: Path, cfg: Evaluate
     if data_meta["tokenizer_sha256"] != meta.get("tokenizer_sha256", data_meta["tokenizer_sha256"]):
         raise EvaluationError(f"{checkpoint_dir} was trained with another tokenizer than {tokenized_dir}")
     tokens = np.memmap(tokenized_dir / data_meta["val"]["file"], dtype=np.dtype(data_meta["dtype"]), mode="r")
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and bf16_supported(torch.device("cpu")))
     started = time.perf_counter()
-    with tqdm(total=len(tokens) - 1, unit="tok", desc=f"evaluate {checkpoint_dir.name}", disable=not progress) as bar:
+    with (tqdm(total=len(tokens) - 1, unit="tok", desc=f"evaluate {checkpoint_dir.name}", disable=not progress) as bar,
+          torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)):
         total, count = token_nats(model, tokens, cfg.batch_size, bar.update)
     seconds = time.perf_counter() - started
     figures = language_metrics(total, count, data_meta["val"]["bytes"])
@@ -104,6 +107,7 @@ def evaluate_checkpoint(checkpoint_dir: Path, tokenized_dir: Path, cfg: Evaluate
         "val_tokens": figures["tokens"],
         "val_bytes": figures["bytes"],
         "eval_tokens_per_second": count / seconds,
+        "eval_precision": "bf16" if bf16 else "fp32",
         "mlflow_run_id": meta.get("mlflow_run_id"),
     }
     write_samples(model, load_tokenizer(checkpoint_dir / ckpt.TOKENIZER), cfg, meta["step"], samples_path)

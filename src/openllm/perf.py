@@ -27,3 +27,16 @@ def matmul_flops(dtype: torch.dtype = torch.float32, size: int = 2048, seconds: 
 def mfu(tokens_per_second: float, flops_per_token: float, peak_flops: float) -> float:
     """Model FLOPs utilisation: achieved model FLOP/s over the measured peak."""
     return tokens_per_second * flops_per_token / peak_flops
+
+
+def peak_matmul_flops(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                      sizes: tuple[int, ...] = (1024, 2048, 4096), seconds: float = 1.0) -> float:
+    """The best sustained matmul FLOP/s over a few sizes: the machine's practical limit."""
+    return max(matmul_flops(dtype, size, seconds, device) for size in sizes)
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Whether bf16 autocast runs at full speed here: CUDA with bf16, or a CPU with AVX-512."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and "AVX512" in torch.backends.cpu.get_cpu_capability()

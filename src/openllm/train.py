@@ -36,6 +36,7 @@ from .config import Params, TrainConfig
 from .errors import OpenLLMError, TrainingInterrupted
 from .fileio import read_json, write_json
 from .model import GPT, GPTConfig
+from .perf import bf16_supported
 from .sampling import Sampling
 from .tokenizer import load_tokenizer, load_tokens
 from .torch_generate import generate_text
@@ -92,9 +93,7 @@ def resolve_runtime(cfg: TrainConfig) -> Runtime:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if cfg.precision == "auto":
-        bf16 = (torch.cuda.is_bf16_supported() if device.type == "cuda"
-                else device.type == "cpu" and "AVX512" in torch.backends.cpu.get_cpu_capability())
-        dtype = torch.bfloat16 if bf16 else None
+        dtype = torch.bfloat16 if bf16_supported(device) else None
     else:
         dtype = torch.bfloat16 if cfg.precision == "bf16" else None
     if cfg.compile == "auto":
