@@ -45,4 +45,4 @@ bench: setup  ## benchmarks -> bench/results/*.json and README's Benchmarks sect
 	python bench/report.py --readme README.md
 
 clean:  ## remove pipeline outputs (keeps .venv)
-	rm -rf data/raw data/tokenized models mlflow.db mlartifacts
+	rm -rf data/raw data/tokenized models/checkpoints models/export mlflow.db mlartifacts
