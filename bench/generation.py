@@ -1,0 +1,185 @@
+"""Generation speed at batch 1 and 8: PyTorch without and with a KV cache, onnxruntime fp32 and int8.
+
+    python bench/generation.py --out bench/results/generation.json
+
+Builds the default ``tiny`` shape with random weights (speed does not depend on the values),
+a 4,096-piece tokenizer trained on a slice of the built-in Shakespeare text, and exports it
+with :func:`openllm.export.export_checkpoint` (so the ONNX files are the ones users get, and
+their outputs are checked against PyTorch first). Then each way generates greedily from a
+one-token prompt until the context is full (255 new tokens for a 256-token context), for one
+prompt and for a batch of 8:
+
+- ``torch_no_cache``: every step runs the model over the whole sequence so far;
+- ``torch_kv_cache``: :func:`openllm.torch_generate.generate_ids` (prefill once, one token per step);
+- ``onnx_fp32`` / ``onnx_int8``: :class:`openllm.runtime.OnnxGenerator` with ``model.onnx`` /
+  ``model.int8.onnx``.
+
+Prints a table and writes the figures as JSON: new tokens per second over all prompts of the
+batch, and the time to the first new token. The best of ``--repeats`` runs is kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+
+from openllm.checkpoint import save_checkpoint
+from openllm.config import MODEL_PRESETS, ExportConfig, SamplingConfig, TokenizerConfig
+from openllm.data import shakespeare_documents
+from openllm.export import export_checkpoint
+from openllm.model import GPT, GPTConfig
+from openllm.runtime import OnnxGenerator
+from openllm.sampling import Sampling
+from openllm.tokenizer import train_tokenizer
+from openllm.torch_generate import generate_ids
+
+VOCAB = 4096
+
+
+def build_export(workdir: Path, preset: str) -> tuple[GPT, Path]:
+    """A random model of ``preset``, saved as a checkpoint and exported (fp32 + int8)."""
+    tokenizer = workdir / "tokenizer.model"
+    if not tokenizer.is_file():
+        plays, _ = shakespeare_documents()
+        train_tokenizer([text for _, text in plays[:6]], TokenizerConfig(vocab_size=VOCAB), tokenizer)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=VOCAB, **MODEL_PRESETS[preset])).eval()
+    checkpoint = save_checkpoint(workdir / "checkpoints" / "step-0", model, tokenizer,
+                                 meta={"step": 0, "val_loss": None}, replace=True)
+    out = workdir / "export" / "step-0"
+    export_checkpoint(checkpoint, out, ExportConfig(quantize=True, huggingface=False, register_model=False),
+                      SamplingConfig(), None)
+    return model, out
+
+
+@torch.no_grad()
+def torch_no_cache(model: GPT, prompts: list[list[int]], n: int) -> tuple[int, float]:
+    """Greedy decoding that recomputes the whole prefix at every step: (new tokens, first-token s)."""
+    started = time.perf_counter()
+    ids, first = torch.tensor(prompts), 0.0
+    for i in range(n):
+        logits, _ = model(ids, use_cache=False)
+        ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        first = first or time.perf_counter() - started
+    return n * len(prompts), first
+
+
+@torch.no_grad()
+def torch_kv_cache(model: GPT, prompts: list[list[int]], n: int) -> tuple[int, float]:
+    """Greedy decoding with the model's KV cache: prefill once, then one token per step."""
+    if len(prompts) == 1:  # the library's own path (what `openllm evaluate` samples with)
+        started = time.perf_counter()
+        greedy = Sampling(temperature=0.0, top_k=0, top_p=1.0, max_new_tokens=1, seed=0)
+        generate_ids(model, prompts[0], greedy, eos_id=None)  # prefill + the first token
+        first = time.perf_counter() - started
+        greedy = Sampling(temperature=0.0, top_k=0, top_p=1.0, max_new_tokens=n, seed=0)
+        return len(generate_ids(model, prompts[0], greedy, eos_id=None)), first
+    started = time.perf_counter()
+    logits, past = model(torch.tensor(prompts))
+    token = logits[:, -1].argmax(-1, keepdim=True)
+    first = time.perf_counter() - started
+    for _ in range(n - 1):
+        logits, past = model(token, past_key_values=past)
+        token = logits[:, -1].argmax(-1, keepdim=True)
+    return n * len(prompts), first
+
+
+def measure(ways: dict, repeats: int) -> dict[str, dict[str, float]]:
+    """Tokens per second and first-token time of each way's fastest run, after a warm-up run.
+
+    The ways take turns within every repeat, so a burst of load from elsewhere on the
+    machine slows all of them rather than one.
+    """
+    rows = {name: {"tokens_per_second": 0.0, "new_tokens": run()[0], "first_token_ms": float("inf")}
+            for name, run in ways.items()}
+    for _ in range(repeats):
+        for name, run in ways.items():
+            started = time.perf_counter()
+            tokens, first = run()
+            rate = tokens / (time.perf_counter() - started)
+            row = rows[name]
+            row.update(tokens_per_second=max(rate, row["tokens_per_second"]), new_tokens=tokens,
+                       first_token_ms=min(row["first_token_ms"], 1000 * first))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("bench/results/generation.json"))
+    parser.add_argument("--preset", default="tiny", choices=sorted(MODEL_PRESETS))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="prompts per run")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="threads for PyTorch and onnxruntime (0 = their default)")
+    parser.add_argument("--workdir", type=Path, help="keep the tokenizer and exports here (default: a temp folder)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    with tempfile.TemporaryDirectory(prefix="openllm-bench-") as tmp:
+        workdir = args.workdir or Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        model, export_dir = build_export(workdir, args.preset)
+        context = model.config.context_length
+        prompt = [400]  # one ordinary token; the rest of the context is generated
+        n = context - len(prompt)
+        greedy = Sampling(temperature=0.0, top_k=0, top_p=1.0, max_new_tokens=n, seed=0)
+        fp32 = OnnxGenerator.load(export_dir, threads=args.threads)
+        int8 = OnnxGenerator.load(export_dir, quantized=True, threads=args.threads)
+
+        def onnx(generator: OnnxGenerator, prompts: list[list[int]]):
+            def run() -> tuple[int, float]:
+                results = generator.generate_tokens(prompts, greedy)
+                return sum(r.completion_tokens for r in results), results[0].time_to_first_token  # may stop at EOS
+            return run
+
+        batches = {}
+        for batch in args.batches:
+            prompts = [[400 + i] for i in range(batch)]  # different prompts, same length
+            ways = {
+                "torch_no_cache": lambda prompts=prompts: torch_no_cache(model, prompts, n),
+                "torch_kv_cache": lambda prompts=prompts: torch_kv_cache(model, prompts, n),
+                "onnx_fp32": onnx(fp32, prompts),
+                "onnx_int8": onnx(int8, prompts),
+            }
+            rows = measure(ways, args.repeats)
+            base = rows["torch_no_cache"]["tokens_per_second"]
+            for row in rows.values():
+                row["speedup_vs_torch_no_cache"] = row["tokens_per_second"] / base
+            batches[str(batch)] = {
+                "rows": rows,
+                "int8_vs_fp32": rows["onnx_int8"]["tokens_per_second"] / rows["onnx_fp32"]["tokens_per_second"],
+                "onnx_fp32_vs_torch_kv_cache":
+                    rows["onnx_fp32"]["tokens_per_second"] / rows["torch_kv_cache"]["tokens_per_second"],
+                "onnx_fp32_vs_torch_no_cache": rows["onnx_fp32"]["speedup_vs_torch_no_cache"],
+            }
+
+        result = {
+            "preset": args.preset, "vocab_size": VOCAB, "context_length": context, "new_tokens": n,
+            "prompt_tokens": len(prompt), "parameters": model.num_parameters(), "batches": batches,
+            "threads": args.threads or "default", "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            "machine": platform.platform(), "processor": platform.processor(),
+            "versions": {p: version(p) for p in ("torch", "onnxruntime", "onnx", "numpy")},
+            "date": time.strftime("%Y-%m-%d"),
+        }
+
+    print(f"{args.preset} model ({result['parameters']:,} parameters), {n} new tokens per prompt, greedy")
+    print(f"{'batch':>5} {'way':<16} {'tokens/s':>10} {'first ms':>9} {'vs no cache':>12}")
+    for batch, figures in batches.items():
+        for name, row in figures["rows"].items():
+            print(f"{batch:>5} {name:<16} {row['tokens_per_second']:>10.1f} {row['first_token_ms']:>9.1f} "
+                  f"{row['speedup_vs_torch_no_cache']:>11.2f}x")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""End to end: the default `dvc repro` from a clean state, a no-op `dvc repro`, and quality per compute.
+
+Copies the project (the files git tracks or would track) into a fresh folder, runs the default
+pipeline there with the same virtual environment, and times it stage by stage. Then, in the
+same run, trains the character-level baseline (bench/char_baseline.py: 4 layers, 4 heads, 128
+wide, context 64) on the same training split for the same wall-clock time that the `train`
+stage took, and scores both on the whole validation split in bits per byte.
+
+    python bench/pipeline.py --out bench/results/pipeline.json [--keep DIR | --here]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from char_baseline import CharConfig, bits_per_byte, train_for  # noqa: E402
+
+from openllm.data import iter_documents  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def copy_project(dest: Path) -> None:
+    """The files of the project that git tracks or would track (no outputs, no .venv)."""
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT,
+                            capture_output=True, text=True, check=True).stdout.split("\0")
+    for name in filter(None, listed):
+        source = ROOT / name
+        if source.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, dest / name)
+    for path in ("dvc.lock", "metrics"):  # a clean state: nothing of an earlier run
+        shutil.rmtree(dest / path, ignore_errors=True) if (dest / path).is_dir() else (dest / path).unlink(missing_ok=True)
+
+
+def repro(repo: Path, env: dict[str, str]) -> tuple[float, dict[str, float]]:
+    """Run `dvc repro`; return its wall time and the seconds from each stage's start to the next."""
+    started = time.perf_counter()
+    marks: list[tuple[str, float]] = []
+    process = subprocess.Popen(["dvc", "repro"], cwd=repo, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    tail: list[str] = []
+    for line in process.stdout:
+        tail = (tail + [line])[-40:]
+        if match := re.search(r"Running stage '([^']+)'", line):
+            marks.append((match.group(1), time.perf_counter()))
+            print(f"  [{time.perf_counter() - started:7.1f} s] {match.group(1)}", flush=True)
+    if process.wait():
+        raise SystemExit("dvc repro failed:\n" + "".join(tail))
+    finished = time.perf_counter()
+    stages = {name: (marks[i + 1][1] if i + 1 < len(marks) else finished) - at for i, (name, at) in enumerate(marks)}
+    return finished - started, stages
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("bench/results/pipeline.json"))
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--keep", type=Path, help="run in this folder and keep it (default: a temporary one)")
+    where.add_argument("--here", action="store_true",
+                       help="run in this repository itself, which must have no pipeline outputs yet (as after "
+                            "a fresh clone); its outputs and dvc.lock stay, as after `make run`")
+    args = parser.parse_args()
+
+    if args.here:
+        work, repo = None, ROOT
+        if (repo / "data" / "raw").exists() or (repo / "dvc.lock").exists():
+            raise SystemExit("--here needs a clean state: remove dvc.lock and the outputs first (make clean)")
+    else:
+        work = args.keep or Path(tempfile.mkdtemp(prefix="openllm-bench-pipeline-"))
+        repo = work / "repo"
+        if repo.exists():
+            shutil.rmtree(repo)
+        repo.mkdir(parents=True)
+        copy_project(repo)
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+               DVC_NO_ANALYTICS="1", MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true",
+               PYTHONPATH=str(repo / "src"), TQDM_DISABLE="1")
+    env.pop("MLFLOW_TRACKING_URI", None)  # the copy's own store
+    if not args.here:
+        for command in (["git", "init", "-q"], ["git", "add", "-A"],
+                        ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost", "commit", "-qm", "bench"]):
+            subprocess.run(command, cwd=repo, env=env, check=True)
+
+    print(f"dvc repro from a clean state in {repo}", flush=True)
+    clean_seconds, stages = repro(repo, env)
+    started = time.perf_counter()
+    noop = subprocess.run(["dvc", "repro"], cwd=repo, env=env, capture_output=True, text=True, check=True)
+    noop_seconds = time.perf_counter() - started
+    assert "Running stage" not in noop.stdout, noop.stdout
+
+    train = json.loads((repo / "metrics" / "train.json").read_text())
+    evaluations = sorted((repo / "metrics" / "evaluate").glob("step-*.json"),
+                         key=lambda p: int(p.stem.removeprefix("step-")))
+    final = json.loads(evaluations[-1].read_text())
+
+    print(f"character-level baseline: training for {train['wall_seconds']:.0f} s (the train stage's time)", flush=True)
+    train_text = "\n".join(iter_documents(repo / "data" / "raw" / "train.jsonl"))
+    val_text = "\n".join(iter_documents(repo / "data" / "raw" / "val.jsonl"))
+    cfg = CharConfig()
+    model, data, steps = train_for(train["wall_seconds"], train_text, cfg)
+    char_bpb = bits_per_byte(model, data, val_text, cfg.context)
+
+    result = {
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+        "versions": {"python": platform.python_version(), "torch": torch.__version__},
+        "date": time.strftime("%Y-%m-%d"),
+        "end_to_end": {"clean_repro_seconds": clean_seconds, "noop_repro_seconds": noop_seconds,
+                       "stage_seconds": stages},
+        "quality": {
+            "openllm": {"steps": train["steps"], "vocab_size": json.loads((repo / "data" / "tokenized" / "meta.json").read_text())["vocab_size"], "parameters": train["parameters"],
+                        "train_seconds": train["wall_seconds"], "tokens_per_second": train["tokens_per_second"],
+                        "checkpoint": final["step"], "val_bits_per_byte": final["val_bits_per_byte"],
+                        "val_loss": final["val_loss"]},
+            "char_baseline": {"steps": steps, "parameters": sum(p.numel() for p in model.parameters()),
+                              "train_seconds": train["wall_seconds"], "val_bits_per_byte": char_bpb,
+                              "config": vars(cfg)},
+            "bits_per_byte_reduction": 1 - final["val_bits_per_byte"] / char_bpb,
+        },
+    }
+    export_json = repo / "models" / "export" / f"step-{final['step']}" / "export.json"
+    if export_json.is_file() and "int8" in (exported := json.loads(export_json.read_text())):
+        i = exported["int8"]
+        result["int8"] = {"decode_speedup": i["decode_speedup"], "bits_per_byte_change": i["bits_per_byte_change"],
+                          "relative_change": i["bits_per_byte_change"] / i["bits_per_byte_fp32"],
+                          "perplexity_change_percent": i["perplexity_change_percent"]}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result["end_to_end"] | {"quality": result["quality"]["bits_per_byte_reduction"]}, indent=2))
+    if work is not None and not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

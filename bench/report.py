@@ -1,0 +1,153 @@
+"""The benchmark tables: bench/results/*.json -> bench/results/README.md and the README's section.
+
+    python bench/report.py [--readme README.md]
+
+Only the result files that exist are reported; each table names its targets (from the
+benchmark issue) next to what was measured, so a missed target is visible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+
+
+def load(name: str) -> dict | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def check(ok: bool) -> str:
+    return "met" if ok else "**missed**"
+
+
+def training(r: dict) -> list[str]:
+    peaks = r["peak_flops"]
+    lines = [f"### Training ({r['machine']}, {r['threads']} threads, torch {r['torch']}, {r['date']})", "",
+             f"Matmul throughput measured in the same run: bf16 {peaks['bf16'] / 1e9:,.0f} GFLOP/s, "
+             f"fp32 {peaks['fp32'] / 1e9:,.0f} GFLOP/s. MFU = tokens/s × model FLOPs per token "
+             "(6 × parameters + attention) / that throughput.", "",
+             "| preset | precision | compiled | tokens/s | model GFLOP/s | MFU vs bf16 peak | MFU vs fp32 peak |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
+    for row in r["runs"]:
+        lines.append(f"| {row['preset']} | {row['precision']} | {'yes' if row['compiled'] else 'no'} | "
+                     f"{row['tokens_per_second']:,.0f} | {row['model_gflops_per_second']:,.0f} | "
+                     f"{row['mfu_vs_bf16_peak']:.1%} | {row['mfu_vs_fp32_peak']:.1%} |")
+    # The default on a CPU: bf16 autocast, eager (train.compile: auto compiles on GPUs only).
+    default = [row for row in r["runs"] if (row["preset"], row["precision"], row["compiled"]) == ("tiny", "bf16", False)]
+    if default:
+        share = default[0]["mfu_vs_bf16_peak"]
+        lines += ["", f"Target: the default `tiny` training (bf16, eager) at ≥ 30% of the bf16 matmul "
+                      f"throughput: {share:.1%}, {check(share >= 0.30)}."]
+    return lines
+
+
+def pipeline(r: dict) -> list[str]:
+    e2e, q = r["end_to_end"], r["quality"]
+    o, c = q["openllm"], q["char_baseline"]
+    stages = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in e2e["stage_seconds"].items())
+    lines = [f"### End to end and quality per compute ({r['machine']['processor']}, {r['machine']['cpus']} CPUs, "
+             f"{r['date']})", "",
+             f"- Default `dvc repro` from a clean state: **{e2e['clean_repro_seconds'] / 60:.1f} min** ({stages}).",
+             f"- No-op `dvc repro`: **{e2e['noop_repro_seconds']:.1f} s** (target under 10 s: "
+             f"{check(e2e['noop_repro_seconds'] < 10)}).", "",
+             "Validation bits per byte after the same wall-clock training time, in the same run:", "",
+             "| model | parameters | training | steps | val bits/byte |", "| --- | ---: | ---: | ---: | ---: |",
+             f"| OpenLLM `tiny` (BPE {o.get('vocab_size', '')}) step {o['checkpoint']} | {o['parameters']:,} | "
+             f"{o['train_seconds']:.0f} s | {o['steps']:,} | {o['val_bits_per_byte']:.3f} |",
+             f"| character-level baseline (4 layers, 4 heads, 128 wide, context 64) | {c['parameters']:,} | "
+             f"{c['train_seconds']:.0f} s | {c['steps']:,} | {c['val_bits_per_byte']:.3f} |", "",
+             f"OpenLLM needs {q['bits_per_byte_reduction']:.0%} fewer bits per byte "
+             f"(target ≥ 25%: {check(q['bits_per_byte_reduction'] >= 0.25)})."]
+    if "int8" in r:
+        i = r["int8"]
+        lines += ["", f"int8 export of the final checkpoint: {i['decode_speedup']:.2f}× the fp32 decode speed, "
+                      f"bits per byte {i['bits_per_byte_change']:+.4f} ({i['relative_change']:+.2%}; "
+                      f"target: faster with < 1% change: {check(i['decode_speedup'] > 1 and abs(i['relative_change']) < 0.01)})."]
+    return lines
+
+
+def generation(r: dict) -> list[str]:
+    lines = [f"### Generation (`{r['preset']}`, {r['parameters']:,} parameters, {r['new_tokens']} new tokens per "
+             f"prompt, greedy, {r['torch_threads']} threads, {r['date']})", "",
+             "| batch | way | tokens/s | first token | vs PyTorch without cache |",
+             "| ---: | --- | ---: | ---: | ---: |"]
+    names = {"torch_no_cache": "PyTorch, no cache", "torch_kv_cache": "PyTorch, KV cache",
+             "onnx_fp32": "onnxruntime fp32", "onnx_int8": "onnxruntime int8"}
+    for batch, figures in r["batches"].items():
+        for name, row in figures["rows"].items():
+            lines.append(f"| {batch} | {names[name]} | {row['tokens_per_second']:,.0f} | "
+                         f"{row['first_token_ms']:.1f} ms | {row['speedup_vs_torch_no_cache']:.1f}× |")
+    one = r["batches"].get("1")
+    if one:
+        lines += ["", "Targets at batch 1: onnxruntime fp32 ≥ 6× PyTorch without cache "
+                      f"({one['onnx_fp32_vs_torch_no_cache']:.1f}×, {check(one['onnx_fp32_vs_torch_no_cache'] >= 6)}) "
+                      f"and ≥ 1.5× PyTorch with cache ({one['onnx_fp32_vs_torch_kv_cache']:.1f}×, "
+                      f"{check(one['onnx_fp32_vs_torch_kv_cache'] >= 1.5)}); int8 faster than fp32 "
+                      f"({one['int8_vs_fp32']:.2f}×, {check(one['int8_vs_fp32'] > 1)})."]
+    return lines
+
+
+def tokenizer(r: dict) -> list[str]:
+    pool = next(k for k in r if k.startswith("encode_mb_per_second_") and not k.endswith("_1_process"))
+    return [f"### Tokenizer (default corpus: {r['documents']} plays, {r['corpus_megabytes']:.1f} MB, "
+            f"vocabulary {r['vocab_size']:,})", "",
+            f"Training {r['train_seconds']:.1f} s; encoding {r['encode_mb_per_second_1_process']:.1f} MB/s in one "
+            f"process, {r[pool]:.1f} MB/s with {r['workers']} worker processes "
+            f"({r['bytes_per_token']:.2f} bytes per token)."]
+
+
+def server(r: dict) -> list[str]:
+    return [f"### HTTP server (`openllm serve`, {r['clients']} clients × {r['requests'] // r['clients']} requests)", "",
+            f"{r['errors']} errors in {r['requests']} requests; latency p50 {r['p50_ms']:.0f} ms, p95 "
+            f"{r['p95_ms']:.0f} ms; {r['tokens_per_second']:,.0f} tokens/s; server memory "
+            f"{r['rss_before_mb']:.0f} MiB before, {r['rss_growth_mb']:+.1f} MiB after."]
+
+
+def gpu(r: dict) -> list[str]:
+    lines = [f"### GPU ({r['device']}, {r['date']})", "", "| compiled | tokens/s | MFU vs bf16 peak |",
+             "| --- | ---: | ---: |"]
+    for row in r["runs"]:
+        lines.append(f"| {'yes' if row['compiled'] else 'no'} | {row['tokens_per_second']:,.0f} | "
+                     f"{row['mfu_vs_bf16_peak']:.1%} |")
+    return lines
+
+
+def render() -> str:
+    sections = [("pipeline", pipeline), ("training", training), ("generation", generation),
+                ("tokenizer", tokenizer), ("server", server), ("gpu", gpu)]
+    parts = []
+    for name, render_one in sections:
+        result = load(name)
+        if result is not None:
+            parts.append("\n".join(render_one(result)))
+    if not parts:
+        return "(run `make bench` to fill this section)"
+    return ("Generated by `make bench` (bench/report.py from bench/results/*.json); every ratio "
+            "compares figures measured in the same run.\n\n" + "\n\n".join(parts))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--readme", type=Path, help="also replace the section between the bench markers")
+    args = parser.parse_args()
+    markdown = render()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "README.md").write_text("# Benchmark results\n\n" + markdown + "\n", encoding="utf-8")
+    if args.readme:
+        text = args.readme.read_text(encoding="utf-8")
+        if BEGIN not in text or END not in text:
+            raise SystemExit(f"{args.readme}: no {BEGIN} ... {END} markers")
+        text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: f"{BEGIN}\n{markdown}\n{END}",
+                      text, flags=re.S)
+        args.readme.write_text(text, encoding="utf-8")
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main()
