@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from openllm.scoring import score_windows
+
 
 @dataclass
 class CharConfig:
@@ -117,13 +119,8 @@ def bits_per_byte(model: CharGPT, data: CharData, text: str, context: int, batch
     """
     model.eval()
     ids = torch.from_numpy(data.encode(text))
-    starts = list(range(0, len(ids) - 1, context))
-    full = [s for s in starts if s + context + 1 <= len(ids)]
-    batches = [full[i : i + batch_size] for i in range(0, len(full), batch_size)]
-    batches += [[s] for s in starts if s + context + 1 > len(ids)]
     total = 0.0
-    for batch in batches:
-        length = min(context, len(ids) - 1 - batch[0])
+    for length, batch in score_windows(len(ids), context, batch_size):  # the windows OpenLLM is scored on
         window = torch.stack([ids[s : s + length + 1] for s in batch])
         logits = model(window[:, :-1])
         total += F.cross_entropy(logits.flatten(0, 1).double(), window[:, 1:].flatten(), reduction="sum").item()
