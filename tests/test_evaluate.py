@@ -15,6 +15,7 @@ from openllm import checkpoint as ckpt
 from openllm.config import EvaluateConfig, TokenizerConfig
 from openllm.data import shakespeare_documents, write_corpus
 from openllm.evaluate import EvaluationError, evaluate_checkpoint, language_metrics, log_to_mlflow, token_nats
+from openllm.fileio import write_json
 from openllm.model import GPT, GPTConfig
 from openllm.tokenizer import tokenize
 
@@ -161,3 +162,26 @@ def test_metrics_go_into_the_training_run(workspace: Path, tmp_path: Path, monke
     history = client.get_metric_history(run.info.run_id, "eval_val_bits_per_byte")
     assert [(m.step, m.value) for m in history] == [(5, 1.5)]
     assert [a.path for a in client.list_artifacts(run.info.run_id, "samples")] == ["samples/step-5.md"]
+
+
+def test_report_adds_plots_and_table_to_the_training_run(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    from openllm import tracking
+    from openllm.report import build_report, log_to_mlflow as report_to_mlflow
+
+    metrics = tmp_path / "metrics"
+    for step, bpb in ((10, 2.5), (20, 2.0)):
+        write_json(metrics / "evaluate" / f"step-{step}.json",
+                   {"step": step, "tokens_seen": step * 64, "val_loss": bpb * 1.5,
+                    "val_perplexity": math.exp(bpb * 1.5), "val_bits_per_byte": bpb})
+    report = build_report(metrics, [10, 20])
+    assert [p.name for p in report["plots"]] == ["bits_per_byte.png"]  # no training TSVs here
+    mlflow = tracking.setup("report-test")
+    with mlflow.start_run() as run:
+        pass
+    assert report_to_mlflow("report-test", run.info.run_id, metrics, report["plots"])
+    client = mlflow.tracking.MlflowClient()
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "plots")] == ["plots/bits_per_byte.png"]
+    assert "results.md" in [a.path for a in client.list_artifacts(run.info.run_id)]
+    assert not report_to_mlflow("report-test", "0" * 32, metrics, report["plots"])  # unknown run: skipped
+    assert not report_to_mlflow("report-test", None, metrics, report["plots"])

@@ -154,11 +154,13 @@ def cmd_score(args: argparse.Namespace) -> None:
 
 @command
 def cmd_report(args: argparse.Namespace) -> None:
-    from .config import METRICS_DIR
-    from .report import build_report, update_readme
+    from .config import CHECKPOINTS_DIR, METRICS_DIR
+    from .report import build_report, log_to_mlflow, update_readme
+    from .tracking import read_run_id
 
     params = load_params(args.params)
     report = build_report(METRICS_DIR, params.train.checkpoint_steps)
+    log_to_mlflow(params.mlflow.experiment, read_run_id(CHECKPOINTS_DIR), METRICS_DIR, report["plots"])
     if args.readme:
         update_readme(Path(args.readme), (METRICS_DIR / "results.md").read_text())
     print(f"{len(report['rows'])} checkpoints -> {METRICS_DIR / 'results.md'}, {METRICS_DIR / 'plots'}")

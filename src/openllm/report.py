@@ -113,6 +113,24 @@ def build_report(metrics_dir: Path, steps: list[int]) -> dict[str, Any]:
     return {"rows": rows, "plots": plots}
 
 
+def log_to_mlflow(experiment: str, run_id: str | None, metrics_dir: Path, plots: list[Path]) -> bool:
+    """Add the plots and the results table to the training run, when the store has it."""
+    from . import tracking
+
+    if not run_id:
+        return False
+    mlflow = tracking.setup(experiment)
+    try:
+        mlflow.get_run(run_id)
+    except Exception:  # another store, or the run was deleted: nothing to attach to
+        return False
+    with mlflow.start_run(run_id=run_id):
+        for path in plots:
+            mlflow.log_artifact(str(path), "plots")
+        mlflow.log_artifact(str(metrics_dir / "results.md"))
+    return True
+
+
 def update_readme(readme: Path, results: str) -> None:
     """Replace the text between the results markers in the README with ``results``."""
     begin, end = "<!-- results:begin -->", "<!-- results:end -->"
