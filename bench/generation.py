@@ -10,7 +10,8 @@ one-token prompt until the context is full (255 new tokens for a 256-token conte
 prompt and for a batch of 8:
 
 - ``torch_no_cache``: every step runs the model over the whole sequence so far;
-- ``torch_kv_cache``: :func:`openllm.torch_generate.generate_ids` (prefill once, one token per step);
+- ``torch_kv_cache``: the model's KV cache as :func:`openllm.torch_generate.generate_ids` uses it
+  (prefill once, one token per step), with greedy argmax;
 - ``onnx_fp32`` / ``onnx_int8``: :class:`openllm.runtime.OnnxGenerator` with ``model.onnx`` /
   ``model.int8.onnx``.
 
@@ -36,10 +37,10 @@ from openllm.config import MODEL_PRESETS, ExportConfig, SamplingConfig, Tokenize
 from openllm.data import shakespeare_documents
 from openllm.export import export_checkpoint
 from openllm.model import GPT, GPTConfig
+from openllm.report import cpu_name
 from openllm.runtime import OnnxGenerator
 from openllm.sampling import Sampling
 from openllm.tokenizer import train_tokenizer
-from openllm.torch_generate import generate_ids
 
 VOCAB = 4096
 
@@ -74,14 +75,8 @@ def torch_no_cache(model: GPT, prompts: list[list[int]], n: int) -> tuple[int, f
 
 @torch.no_grad()
 def torch_kv_cache(model: GPT, prompts: list[list[int]], n: int) -> tuple[int, float]:
-    """Greedy decoding with the model's KV cache: prefill once, then one token per step."""
-    if len(prompts) == 1:  # the library's own path (what `openllm evaluate` samples with)
-        started = time.perf_counter()
-        greedy = Sampling(temperature=0.0, top_k=0, top_p=1.0, max_new_tokens=1, seed=0)
-        generate_ids(model, prompts[0], greedy, eos_id=None)  # prefill + the first token
-        first = time.perf_counter() - started
-        greedy = Sampling(temperature=0.0, top_k=0, top_p=1.0, max_new_tokens=n, seed=0)
-        return len(generate_ids(model, prompts[0], greedy, eos_id=None)), first
+    """Greedy decoding with the model's KV cache, as generate_ids does: prefill once, then one
+    token per step. Returns (new tokens, seconds to the first one)."""
     started = time.perf_counter()
     logits, past = model(torch.tensor(prompts))
     token = logits[:, -1].argmax(-1, keepdim=True)
@@ -166,7 +161,7 @@ def main() -> None:
             "preset": args.preset, "vocab_size": VOCAB, "context_length": context, "new_tokens": n,
             "prompt_tokens": len(prompt), "parameters": model.num_parameters(), "batches": batches,
             "threads": args.threads or "default", "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-            "machine": platform.platform(), "processor": platform.processor(),
+            "machine": platform.platform(), "processor": cpu_name(),
             "versions": {p: version(p) for p in ("torch", "onnxruntime", "onnx", "numpy")},
             "date": time.strftime("%Y-%m-%d"),
         }

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from char_baseline import CharConfig, bits_per_byte, train_for  # noqa: E402
 
 from openllm.data import iter_documents  # noqa: E402
+from openllm.report import cpu_name  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,8 +43,8 @@ def copy_project(dest: Path) -> None:
         if source.is_file():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, dest / name)
-    for path in ("dvc.lock", "metrics"):  # a clean state: nothing of an earlier run
-        shutil.rmtree(dest / path, ignore_errors=True) if (dest / path).is_dir() else (dest / path).unlink(missing_ok=True)
+    (dest / "dvc.lock").unlink(missing_ok=True)  # a clean state: nothing of an earlier run
+    shutil.rmtree(dest / "metrics", ignore_errors=True)
 
 
 def repro(repo: Path, env: dict[str, str]) -> tuple[float, dict[str, float]]:
@@ -71,14 +72,15 @@ def main() -> None:
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--keep", type=Path, help="run in this folder and keep it (default: a temporary one)")
     where.add_argument("--here", action="store_true",
-                       help="run in this repository itself, which must have no pipeline outputs yet (as after "
-                            "a fresh clone); its outputs and dvc.lock stay, as after `make run`")
+                       help="run in this repository itself, which must have no pipeline outputs and no DVC cache "
+                            "yet (as after a fresh clone); its outputs and dvc.lock stay, as after `make run`")
     args = parser.parse_args()
 
     if args.here:
         work, repo = None, ROOT
-        if (repo / "data" / "raw").exists() or (repo / "dvc.lock").exists():
-            raise SystemExit("--here needs a clean state: remove dvc.lock and the outputs first (make clean)")
+        # With outputs, or a cache DVC could restore them from, stages would be skipped, not timed.
+        if (repo / "data" / "raw").exists() or (repo / ".dvc" / "cache").exists():
+            raise SystemExit("--here needs a clean state: `make clean` and remove .dvc/cache first")
     else:
         work = args.keep or Path(tempfile.mkdtemp(prefix="openllm-bench-pipeline-"))
         repo = work / "repo"
@@ -103,6 +105,7 @@ def main() -> None:
     assert "Running stage" not in noop.stdout, noop.stdout
 
     train = json.loads((repo / "metrics" / "train.json").read_text())
+    vocab_size = json.loads((repo / "data" / "tokenized" / "meta.json").read_text())["vocab_size"]
     evaluations = sorted((repo / "metrics" / "evaluate").glob("step-*.json"),
                          key=lambda p: int(p.stem.removeprefix("step-")))
     final = json.loads(evaluations[-1].read_text())
@@ -115,14 +118,14 @@ def main() -> None:
     char_bpb = bits_per_byte(model, data, val_text, cfg.context)
 
     result = {
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+        "machine": {"platform": platform.platform(), "processor": cpu_name(),
                     "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
         "date": time.strftime("%Y-%m-%d"),
         "end_to_end": {"clean_repro_seconds": clean_seconds, "noop_repro_seconds": noop_seconds,
                        "stage_seconds": stages},
         "quality": {
-            "openllm": {"steps": train["steps"], "vocab_size": json.loads((repo / "data" / "tokenized" / "meta.json").read_text())["vocab_size"], "parameters": train["parameters"],
+            "openllm": {"steps": train["steps"], "vocab_size": vocab_size, "parameters": train["parameters"],
                         "train_seconds": train["wall_seconds"], "tokens_per_second": train["tokens_per_second"],
                         "checkpoint": final["step"], "val_bits_per_byte": final["val_bits_per_byte"],
                         "val_loss": final["val_loss"]},

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from openllm.config import MODEL_PRESETS
 from openllm.model import GPT, GPTConfig
 from openllm.perf import mfu, peak_matmul_flops
+from openllm.report import cpu_name
 
 VOCAB = {"tiny": 4096, "small": 32000}
 BATCH = {"tiny": 8, "small": 4}  # sequences per step: the default for tiny, memory-friendly for small
@@ -88,7 +88,7 @@ def main() -> None:
                 rows.append(row)
                 print(f"{preset:5} {precision} compiled={compiled!s:5} {row['tokens_per_second']:9,.0f} tok/s  "
                       f"MFU {row['mfu_vs_bf16_peak']:6.1%} of bf16 peak, {row['mfu_vs_fp32_peak']:6.1%} of fp32 peak")
-    result = {"device": args.device, "machine": platform.processor() or platform.machine(),
+    result = {"device": args.device, "machine": cpu_name(),
               "threads": torch.get_num_threads(), "torch": torch.__version__,
               "peak_flops": peaks, "runs": rows, "date": time.strftime("%Y-%m-%d")}
     args.out.parent.mkdir(parents=True, exist_ok=True)
