@@ -203,7 +203,5 @@ def test_full_pipeline_checkpoints_metrics_plots_and_experiments(dvc_repo, repo_
     experiment = run("dvc", "exp", "run", "-S", "evaluate.batch_size=3", "-n", "eval-batch-3")
     assert ran_stages(experiment) >= {"evaluate@10", "evaluate@20", "evaluate@30"}
     assert "train" not in ran_stages(experiment) and "tokenize" not in ran_stages(experiment)
-    shown = json.loads(run("dvc", "exp", "show", "--json").stdout)
-    names = [exp.get("name") for commit in shown for exp in (commit.get("experiments") or [])
-             for exp in [exp] + list(exp.get("revs") or [])]
-    assert "eval-batch-3" in json.dumps(shown), names
+    shown = run("dvc", "exp", "show", "--json").stdout
+    assert "eval-batch-3" in json.dumps(json.loads(shown)), shown[:2000]

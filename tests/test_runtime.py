@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -221,8 +222,6 @@ def test_cli_score_gives_the_same_figures_for_checkpoint_and_export(
     ("corrupt checkpoint", "step-10"),
 ])
 def test_cli_score_errors_are_one_line(checkpoint: Path, export_dir: Path, tmp_path: Path, case, message) -> None:
-    import shutil
-
     path, model = tmp_path / "text.txt", export_dir
     path.write_text("Some text to score, long enough.\n", encoding="utf-8")
     if case == "missing file":
