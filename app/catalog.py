@@ -40,7 +40,7 @@ class RegistryError(OpenLLMError):
 class Checkpoint:
     """One model the user can pick."""
 
-    label: str  # what the user sees: "step-600" or "openllm-shakespeare v3"
+    label: str  # what the user sees: "step-2400" or "openllm-shakespeare v3"
     spec: str  # what OnnxGenerator.load takes: a folder, or models:/<name>/<version>
     step: int | None
     config: dict[str, Any] | None = None  # the export's config.json; None for registry versions

@@ -32,18 +32,24 @@ def training(r: dict) -> list[str]:
              f"Matmul throughput measured in the same run: bf16 {peaks['bf16'] / 1e9:,.0f} GFLOP/s, "
              f"fp32 {peaks['fp32'] / 1e9:,.0f} GFLOP/s. MFU = tokens/s × model FLOPs per token "
              "(6 × parameters + attention) / that throughput.", "",
-             "| preset | precision | compiled | tokens/s | model GFLOP/s | MFU vs bf16 peak | MFU vs fp32 peak |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
+             "| preset | precision | compiled | optimizer | tokens/s | model GFLOP/s | MFU vs bf16 peak | MFU vs fp32 peak |",
+             "| --- | --- | --- | --- | ---: | ---: | ---: | ---: |"]
     for row in r["runs"]:
-        lines.append(f"| {row['preset']} | {row['precision']} | {'yes' if row['compiled'] else 'no'} | "
-                     f"{row['tokens_per_second']:,.0f} | {row['model_gflops_per_second']:,.0f} | "
-                     f"{row['mfu_vs_bf16_peak']:.1%} | {row['mfu_vs_fp32_peak']:.1%} |")
-    # The default on a CPU: bf16 autocast, eager (train.compile: auto compiles on GPUs only).
-    default = [row for row in r["runs"] if (row["preset"], row["precision"], row["compiled"]) == ("tiny", "bf16", False)]
-    if default:
-        share = default[0]["mfu_vs_bf16_peak"]
-        lines += ["", f"Target: the default `tiny` training (bf16, eager) at ≥ 30% of the bf16 matmul "
-                      f"throughput: {share:.1%}, {check(share >= 0.30)}."]
+        label = f"**{row['preset']} (default)**" if row.get("default") else row["preset"]
+        lines.append(f"| {label} | {row['precision']} | {'yes' if row['compiled'] else 'no'} | "
+                     f"{row.get('optimizer', 'adamw')} | {row['tokens_per_second']:,.0f} | "
+                     f"{row['model_gflops_per_second']:,.0f} | {row['mfu_vs_bf16_peak']:.1%} | {row['mfu_vs_fp32_peak']:.1%} |")
+    targets = []
+    for row in r["runs"]:
+        if row.get("default"):
+            targets.append((f"the default training (`{row['preset']}`, {row['precision']}, "
+                            f"{'compiled' if row['compiled'] else 'eager'}, {row.get('optimizer', 'adamw')})", row))
+    tiny = [row for row in r["runs"] if (row["preset"], row["precision"], row["compiled"]) == ("tiny", "bf16", False)]
+    if tiny and not (targets and targets[0][1]["preset"] == "tiny"):
+        targets.append(("`tiny` (bf16, eager, AdamW)", tiny[0]))
+    for name, row in targets:
+        share = row["mfu_vs_bf16_peak"]
+        lines += ["", f"Target: {name} at ≥ 30% of the bf16 matmul throughput: {share:.1%}, {check(share >= 0.30)}."]
     return lines
 
 
@@ -58,7 +64,7 @@ def pipeline(r: dict) -> list[str]:
              f"{check(e2e['noop_repro_seconds'] < 10)}).", "",
              "Validation bits per byte after the same wall-clock training time, in the same run:", "",
              "| model | parameters | training | steps | val bits/byte |", "| --- | ---: | ---: | ---: | ---: |",
-             f"| OpenLLM `tiny` (BPE {o.get('vocab_size', '')}) step {o['checkpoint']} | {o['parameters']:,} | "
+             f"| OpenLLM `{o.get('preset', 'tiny')}` (BPE {o.get('vocab_size', '')}) step {o['checkpoint']} | {o['parameters']:,} | "
              f"{o['train_seconds']:.0f} s | {o['steps']:,} | {o['val_bits_per_byte']:.3f} |",
              f"| character-level baseline (4 layers, 4 heads, 128 wide, context 64) | {c['parameters']:,} | "
              f"{c['train_seconds']:.0f} s | {c['steps']:,} | {c['val_bits_per_byte']:.3f} |", "",
@@ -66,7 +72,8 @@ def pipeline(r: dict) -> list[str]:
              f"(target ≥ 25%: {check(q['bits_per_byte_reduction'] >= 0.25)})."]
     if "int8" in r:
         i = r["int8"]
-        lines += ["", f"int8 export of the final checkpoint: {i['decode_speedup']:.2f}× the fp32 decode speed, "
+        lines += ["", f"int8 export of the final checkpoint (`{o.get('preset', 'tiny')}`): "
+                      f"{i['decode_speedup']:.2f}× the fp32 decode speed, "
                       f"bits per byte {i['bits_per_byte_change']:+.4f} ({i['relative_change']:+.2%}; "
                       f"target: faster with < 1% change: {check(i['decode_speedup'] > 1 and abs(i['relative_change']) < 0.01)})."]
     return lines

@@ -1,7 +1,7 @@
 """Load test of ``openllm serve``: concurrent OpenAI clients, latency, tokens/s and memory.
 
-    python bench/server_load.py --model models/export/step-600 --out bench-server.json
-    python bench/server_load.py --url http://127.0.0.1:8000 --model step-600 --pid 12345
+    python bench/server_load.py --model models/export/step-2400 --out bench-server.json
+    python bench/server_load.py --url http://127.0.0.1:8000 --model step-2400 --pid 12345
 
 Without ``--url`` it starts ``openllm serve --model MODEL`` on a free port of 127.0.0.1 itself
 (with params.yaml's ``serve`` section, ``max_concurrent`` raised to ``--clients``) and stops it

@@ -1,11 +1,13 @@
 """Training throughput and model FLOPs utilisation (MFU), against matmul peaks measured in the same run.
 
-For each model preset, precision (fp32 / bf16 autocast) and compile setting, times optimizer
-steps of the real model and optimizer on random tokens (data loading is not the bottleneck
-at this size) and reports tokens/s and MFU = tokens/s x FLOPs/token / peak FLOP/s, for both
-the bf16 and the fp32 matmul peak of this machine.
+For each model preset, precision (fp32 / bf16 autocast) and compile setting, times AdamW
+optimizer steps of the real model on random tokens (data loading is not the bottleneck at
+this size); then the default training as params.yaml's defaults configure it (preset,
+optimizer, precision, compile on this machine). Reports tokens/s and MFU = tokens/s x
+FLOPs/token / peak FLOP/s, for both the bf16 and the fp32 matmul peak of this machine.
+MFU counts model FLOPs only, so Muon's own matrix work is overhead it has to pay for.
 
-    python bench/training.py --out bench/results/training.json [--presets tiny small] [--steps 8]
+    python bench/training.py --out bench/results/training.json [--presets micro tiny small] [--steps 8]
 """
 
 from __future__ import annotations
@@ -18,20 +20,22 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from openllm.config import MODEL_PRESETS
+from openllm.config import MODEL_PRESETS, load_params
 from openllm.model import GPT, GPTConfig
 from openllm.perf import mfu, peak_matmul_flops
 from openllm.report import cpu_name
+from openllm.train import resolve_runtime
 
-VOCAB = {"tiny": 4096, "small": 32000}
-BATCH = {"tiny": 8, "small": 4}  # sequences per step: the default for tiny, memory-friendly for small
+VOCAB = {"micro": 4096, "tiny": 4096, "small": 32000}
+BATCH = {"micro": 8, "tiny": 8, "small": 4}  # sequences per step: the default for micro and tiny, memory-friendly for small
 
 
-def time_steps(preset: str, precision: str, compiled: bool, steps: int, device: str, batch: int | None = None) -> dict:
+def time_steps(preset: str, precision: str, compiled: bool, steps: int, device: str, batch: int | None = None,
+               optimizer_kind: str = "adamw") -> dict:
     torch.manual_seed(0)
     config = GPTConfig(vocab_size=VOCAB[preset], **MODEL_PRESETS[preset])
     model = GPT(config).to(device).train()
-    optimizer = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95))
+    optimizer = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), kind=optimizer_kind)
     forward = torch.compile(model) if compiled else model
     batch, context = batch or BATCH[preset], config.context_length
     tokens = torch.randint(0, config.vocab_size, (batch, context + 1), device=device)
@@ -59,7 +63,8 @@ def time_steps(preset: str, precision: str, compiled: bool, steps: int, device: 
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
     return {
-        "preset": preset, "precision": precision, "compiled": compiled, "parameters": model.num_parameters(),
+        "preset": preset, "precision": precision, "compiled": compiled, "optimizer": optimizer_kind,
+        "parameters": model.num_parameters(),
         "tokens_per_step": batch * context, "tokens_per_second": batch * context * steps / seconds,
         "flops_per_token": model.estimate_flops_per_token(), "warmup_seconds": warmup_seconds,
     }
@@ -68,7 +73,7 @@ def time_steps(preset: str, precision: str, compiled: bool, steps: int, device: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("bench/results/training.json"))
-    parser.add_argument("--presets", nargs="+", default=["tiny", "small"], choices=sorted(MODEL_PRESETS))
+    parser.add_argument("--presets", nargs="+", default=["micro", "tiny", "small"], choices=sorted(MODEL_PRESETS))
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
@@ -76,18 +81,25 @@ def main() -> None:
     peaks = {name: peak_matmul_flops(dtype, device=args.device) for name, dtype in
              (("bf16", torch.bfloat16), ("fp32", torch.float32))}
     print(f"matmul peak on {args.device}: bf16 {peaks['bf16'] / 1e9:,.0f} GFLOP/s, fp32 {peaks['fp32'] / 1e9:,.0f} GFLOP/s")
+    # The default training: what `dvc repro` runs with params.yaml as shipped, on this machine.
+    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    runtime = resolve_runtime(params.train)
+    default = (params.model.preset, "bf16" if runtime.autocast_dtype == torch.bfloat16 else "fp32",
+               runtime.compile, params.train.optimizer)
+    configs = [(preset, precision, compiled, "adamw") for preset in args.presets
+               for precision in ("fp32", "bf16") for compiled in (False, True)]
     rows = []
-    for preset in args.presets:
-        for precision in ("fp32", "bf16"):
-            for compiled in (False, True):
-                row = time_steps(preset, precision, compiled, args.steps, args.device)
-                achieved = row["tokens_per_second"] * row["flops_per_token"]
-                row |= {"mfu_vs_bf16_peak": mfu(row["tokens_per_second"], row["flops_per_token"], peaks["bf16"]),
-                        "mfu_vs_fp32_peak": mfu(row["tokens_per_second"], row["flops_per_token"], peaks["fp32"]),
-                        "model_gflops_per_second": achieved / 1e9}
-                rows.append(row)
-                print(f"{preset:5} {precision} compiled={compiled!s:5} {row['tokens_per_second']:9,.0f} tok/s  "
-                      f"MFU {row['mfu_vs_bf16_peak']:6.1%} of bf16 peak, {row['mfu_vs_fp32_peak']:6.1%} of fp32 peak")
+    for config in configs + [default]:
+        preset, precision, compiled, optimizer_kind = config
+        row = time_steps(preset, precision, compiled, args.steps, args.device, optimizer_kind=optimizer_kind)
+        row["default"] = config == default
+        achieved = row["tokens_per_second"] * row["flops_per_token"]
+        row |= {"mfu_vs_bf16_peak": mfu(row["tokens_per_second"], row["flops_per_token"], peaks["bf16"]),
+                "mfu_vs_fp32_peak": mfu(row["tokens_per_second"], row["flops_per_token"], peaks["fp32"]),
+                "model_gflops_per_second": achieved / 1e9}
+        rows.append(row)
+        print(f"{preset:5} {precision} compiled={compiled!s:5} {optimizer_kind:5} {row['tokens_per_second']:9,.0f} tok/s  "
+              f"MFU {row['mfu_vs_bf16_peak']:6.1%} of bf16 peak, {row['mfu_vs_fp32_peak']:6.1%} of fp32 peak")
     result = {"device": args.device, "machine": cpu_name(),
               "threads": torch.get_num_threads(), "torch": torch.__version__,
               "peak_flops": peaks, "runs": rows, "date": time.strftime("%Y-%m-%d")}

@@ -32,23 +32,23 @@ def test_overrides_are_read(params_file):
 # (overrides merged onto the repo's params.yaml, substrings the message must contain)
 BAD_OVERRIDES = {
     "n_embd_not_divisible": (
-        {"model": {"n_embd": 500}}, ["model.n_embd=500 must be divisible by model.n_head=8"]),
-    "odd_head_size": ({"model": {"n_embd": 24, "n_head": 8}}, ["model.n_embd/model.n_head=3", "even"]),
+        {"model": {"n_embd": 502}}, ["model.n_embd=502 must be divisible by model.n_head=4"]),
+    "odd_head_size": ({"model": {"n_embd": 12, "n_head": 4}}, ["model.n_embd/model.n_head=3", "even"]),
     "unknown_key": ({"train": {"lerning_rate": 0.1}}, ["unknown key 'train.lerning_rate'"]),
     "unknown_section": ({"trian": {"max_steps": 3}}, ["unknown key 'trian'"]),
     "wrong_type": ({"train": {"batch_size": "sixteen"}}, ["train.batch_size='sixteen'", "integer"]),
     "negative_batch_size": ({"train": {"batch_size": -4}}, ["train.batch_size=-4", "greater than 0"]),
     "checkpoint_beyond_max_steps": (
-        {"train": {"checkpoint_steps": [100, 1000]}},
-        ["train.checkpoint_steps=[100, 1000]", "beyond train.max_steps=900"]),
+        {"train": {"checkpoint_steps": [100, 3000]}},
+        ["train.checkpoint_steps=[100, 3000]", "beyond train.max_steps=2400"]),
     "unsorted_checkpoint_steps": (
         {"train": {"checkpoint_steps": [200, 100, 600]}}, ["train.checkpoint_steps=[200, 100, 600]", "increasing"]),
     "repeated_checkpoint_steps": (
         {"train": {"checkpoint_steps": [100, 100, 600]}}, ["train.checkpoint_steps", "without repeats"]),
     "warmup_not_below_max_steps": (
-        {"train": {"warmup_steps": 900}}, ["train.warmup_steps=900", "train.max_steps=900"]),
+        {"train": {"warmup_steps": 2400}}, ["train.warmup_steps=2400", "train.max_steps=2400"]),
     "min_lr_above_lr": (
-        {"train": {"min_learning_rate": 0.01}}, ["train.min_learning_rate=0.01", "train.learning_rate=0.002"]),
+        {"train": {"min_learning_rate": 0.01}}, ["train.min_learning_rate=0.01", "train.learning_rate=0.004"]),
     "batch_not_divisible_by_accumulation": (
         {"train": {"gradient_accumulation_steps": 3}}, ["train.batch_size=8", "gradient_accumulation_steps=3"]),
     "unknown_data_source": ({"data": {"source": "s3"}}, ["data.source='s3'", "shakespeare", "files"]),
@@ -151,11 +151,11 @@ def test_presets_resolve(preset):
     assert params.model.resolved() == MODEL_PRESETS[preset]
 
 
-def test_default_preset_is_tiny(repo_root):
+def test_default_preset_is_micro(repo_root):
     model = load_params(repo_root / "params.yaml").model
-    assert model.preset == "tiny"
-    assert model.resolved() == MODEL_PRESETS["tiny"]
-    assert model.resolved() is not MODEL_PRESETS["tiny"]  # a copy: callers cannot edit the preset
+    assert model.preset == "micro"
+    assert model.resolved() == MODEL_PRESETS["micro"]
+    assert model.resolved() is not MODEL_PRESETS["micro"]  # a copy: callers cannot edit the preset
 
 
 def test_overrides_apply_on_the_preset():
@@ -166,8 +166,8 @@ def test_overrides_apply_on_the_preset():
 
 
 def test_override_is_checked_against_the_preset():
-    # n_head=6 alone is fine as a number, but not with the tiny preset's n_embd=256.
-    with pytest.raises(ConfigError, match=r"model.n_embd=256 must be divisible by model.n_head=6"):
+    # n_head=6 alone is fine as a number, but not with the micro preset's n_embd=128.
+    with pytest.raises(ConfigError, match=r"model.n_embd=128 must be divisible by model.n_head=6"):
         parse_params({"model": {"n_head": 6}})
     assert parse_params({"model": {"n_head": 4}}).model.resolved()["n_head"] == 4
 
@@ -206,9 +206,9 @@ def _assert_one_line_error(result, *parts):
 
 
 def test_cli_bad_params_exits_2_without_writing(tmp_path):
-    write_params(tmp_path / "bad.yaml", {"model": {"n_embd": 500}})
+    write_params(tmp_path / "bad.yaml", {"model": {"n_embd": 502}})
     result = run_openllm("--params", "bad.yaml", "download", cwd=tmp_path)
-    _assert_one_line_error(result, "bad.yaml", "model.n_embd=500", "model.n_head=8")
+    _assert_one_line_error(result, "bad.yaml", "model.n_embd=502", "model.n_head=4")
     assert not (tmp_path / "data").exists()
 
 

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from openllm.config import MODEL_PRESETS
 from openllm.model import GPT, GPTConfig, hf_weight_names
 
 
@@ -124,6 +125,10 @@ def test_preset_sizes() -> None:
         n_big = GPT(big).num_parameters()
     assert n_small == expected_params(small) and 5e6 < n_small < 8e6
     assert n_big == expected_params(big) and 35e6 < n_big < 36.5e6
+    micro = GPTConfig(vocab_size=4096, **MODEL_PRESETS["micro"])
+    with torch.device("meta"):
+        n_micro = GPT(micro).num_parameters()
+    assert n_micro == expected_params(micro) and 1.2e6 < n_micro < 1.4e6
 
 
 # ---------------------------------------------------------------- config
@@ -242,3 +247,36 @@ def test_configure_optimizer_groups(model: GPT) -> None:
             assert g["weight_decay"] == (0.1 if p.dim() >= 2 else 0.0)
     norm_ids = {id(model.norm.weight), id(model.layers[0].attn_norm.weight)}
     assert any(id(p) in norm_ids for g in opt.param_groups if g["weight_decay"] == 0.0 for p in g["params"])
+
+
+def test_muon_optimizer_splits_hidden_matrices_from_the_rest(model: GPT) -> None:
+    opt = model.configure_optimizer(weight_decay=0.1, learning_rate=1e-3, betas=(0.9, 0.95), kind="muon")
+    muon_ids = {id(p) for g in opt.muon.param_groups for p in g["params"]}
+    adamw = [p for g in opt.adamw.param_groups for p in g["params"]]
+    assert len(adamw) == len({id(p) for p in adamw}) and not muon_ids & {id(p) for p in adamw}
+    assert muon_ids | {id(p) for p in adamw} == {id(p) for p in model.parameters()}
+    assert id(model.layers[0].attn.q_proj.weight) in muon_ids
+    assert id(model.layers[0].mlp.down_proj.weight) in muon_ids
+    assert id(model.tok_embeddings.weight) not in muon_ids  # tied with the head: AdamW
+    assert id(model.norm.weight) not in muon_ids
+    assert len(opt.param_groups) == len(opt.muon.param_groups) + 2
+
+    # A few steps lower the loss on a fixed batch, and the state round-trips.
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for _ in range(5):
+        logits, _ = model(ids[:, :-1], use_cache=False)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+        losses.append(loss.item())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert losses[-1] < losses[0]
+    again = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), kind="muon")
+    again.load_state_dict(opt.state_dict())
+    assert torch.equal(again.muon.state_dict()["state"][0]["momentum_buffer"],
+                       opt.muon.state_dict()["state"][0]["momentum_buffer"])
+    with pytest.raises(ValueError, match="Muon"):
+        again.load_state_dict(model.configure_optimizer(0.1, 1e-3, (0.9, 0.95)).state_dict())
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), kind="sgd")

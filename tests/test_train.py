@@ -324,7 +324,8 @@ def test_short_run_writes_verified_checkpoints_and_metrics(project: Project, mon
             assert torch.equal(state[name], tensor), name
         assert model.num_parameters() == meta["parameters"] == summary["parameters"]
         training_state = ckpt.load_training_state(folder)
-        assert training_state["progress"]["step"] == step and training_state["optimizer"]["state"]
+        assert training_state["progress"]["step"] == step
+        assert training_state["optimizer"]["muon"]["state"] and training_state["optimizer"]["adamw"]["state"]
     assert ckpt.read_meta(project.ck / "resume")["step"] == 30  # 15 and 30, not the checkpoint steps
     assert not torch.equal(load_file(str(project.step(10) / ckpt.WEIGHTS))["norm.weight"],
                            load_file(str(project.step(40) / ckpt.WEIGHTS))["norm.weight"])
@@ -637,8 +638,8 @@ def test_ddp_two_processes_match_one_process(tmp_path: Path, tokenized: Path) ->
     assert [r["tokens_seen"] for r in rows] == [r["tokens_seen"] for r in rows_single]
     assert losses(ddp.evals_log(), "val_loss") == pytest.approx(losses(single.evals_log(), "val_loss"), rel=1e-4)
     wa, wb = load_file(str(ddp.step(20) / ckpt.WEIGHTS)), load_file(str(single.step(20) / ckpt.WEIGHTS))
-    for name in wa:
-        torch.testing.assert_close(wa[name], wb[name], rtol=1e-3, atol=1e-4)
+    for name in wa:  # Muon orthogonalises in bf16: a rounding flip moves a weight by ~1e-4
+        torch.testing.assert_close(wa[name], wb[name], rtol=1e-3, atol=5e-4)
 
     # only rank 0 wrote: one set of checkpoints, one summary line, one MLflow run
     assert sorted(p.name for p in ddp.ck.iterdir()) == ["mlflow_run_id", "resume", "step-10", "step-20"]
@@ -742,3 +743,56 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path: Path, tokenized: 
     assert losses(two.steps_log()) == pytest.approx(losses(one.steps_log()), rel=1e-4)
     # validation uses the same windows (eval_batches global batches), in micro-batches of 2
     assert losses(two.evals_log(), "val_loss") == pytest.approx(losses(one.evals_log(), "val_loss"), rel=1e-5)
+
+
+# --------------------------------------------------------------------------- compile and optimizers
+
+
+def test_compile_auto_needs_a_cpp_compiler_on_cpu(monkeypatch) -> None:
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    assert train_mod.resolve_runtime(TrainConfig(device="cpu", compile="auto")).compile is False
+    monkeypatch.delenv("CXX")
+    found = shutil.which("g++") is not None
+    assert train_mod.resolve_runtime(TrainConfig(device="cpu", compile="auto")).compile is found
+    assert train_mod.resolve_runtime(TrainConfig(device="cpu", compile="false")).compile is False
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on CPU needs g++")
+def test_compiled_training_matches_eager(tmp_path: Path, tokenized: Path, monkeypatch) -> None:
+    # Compiling is real (inductor writes and builds C++ kernels) and counted in the training time.
+    eager, compiled = Project(tmp_path / "eager", tokenized), Project(tmp_path / "compiled", tokenized)
+    run = dict(max_steps=10, checkpoint_steps=[10])
+    assert eager.train(monkeypatch, **run)["compiled"] is False
+    summary = compiled.train(monkeypatch, **run, compile="true")
+    assert summary["compiled"] is True
+    assert losses(compiled.steps_log()) == pytest.approx(losses(eager.steps_log()), rel=2e-3)
+    # the compiled run's checkpoint is a plain model (no torch.compile prefixes in the weights)
+    assert set(load_file(str(compiled.step(10) / ckpt.WEIGHTS))) == set(load_file(str(eager.step(10) / ckpt.WEIGHTS)))
+
+
+def test_failed_compile_falls_back_under_auto_and_stops_when_required(project: Project, monkeypatch, train_log) -> None:
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config.cpp, "cxx", ("/nonexistent/c++",))  # inductor's compiler search fails
+    monkeypatch.setattr(train_mod, "cpp_compiler_available", lambda: True)  # while `auto` believes it works
+    # No kernels built by an earlier test may be reused: a fresh cache, and shapes of their own.
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(project.root / "inductor-cache"))
+    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)
+    run = dict(max_steps=4, checkpoint_steps=[4], batch_size=3)
+    with pytest.raises(TrainingError, match="train.compile=true but torch.compile failed"):
+        project.train(monkeypatch, **run, compile="true")
+    torch._dynamo.reset()
+    summary = project.train(monkeypatch, **run, compile="auto")
+    assert summary["compiled"] is False and summary["steps"] == 4
+    assert "training without it" in train_log.text
+
+
+@pytest.mark.parametrize("kind", ["adamw", "muon"])
+def test_both_optimizers_learn_and_resume_from_their_own_state(project: Project, monkeypatch, kind) -> None:
+    project.train(monkeypatch, optimizer=kind, max_steps=10, checkpoint_steps=[10])
+    first = losses(project.steps_log())
+    assert sum(first[-3:]) < sum(first[:3])
+    state = ckpt.load_training_state(project.step(10))["optimizer"]
+    assert (set(state) == {"muon", "adamw"}) is (kind == "muon")
+    project.train(monkeypatch, optimizer=kind, max_steps=20, checkpoint_steps=[10, 20])  # continues
+    assert [r["step"] for r in project.steps_log()] == [str(s) for s in range(1, 21)]

@@ -19,6 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .optim import MuonWithAdamW, build_optimizer
+
 # One (key, value) pair per layer, each (B, H, T_past, D).
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -308,19 +310,13 @@ class GPT(nn.Module):
         weight_decay: float,
         learning_rate: float,
         betas: tuple[float, float],
-        fused: bool | None = None,
-    ) -> torch.optim.AdamW:
-        """AdamW with weight decay on matrices/embeddings (dim >= 2) and none on norms."""
-        params = [p for p in self.parameters() if p.requires_grad]  # tied weight appears once
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        groups = [
-            {"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
-        if fused is None:  # the fused kernel is a free speed-up on GPU
-            fused = len(params) > 0 and all(p.is_cuda for p in params)
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
+        kind: str = "adamw",
+    ) -> torch.optim.AdamW | MuonWithAdamW:
+        """AdamW (``kind="adamw"``) or Muon + AdamW (``"muon"``); see ``openllm.optim``.
+
+        Weight decay goes on matrices and embeddings (dim >= 2), never on norm scales.
+        """
+        return build_optimizer(self, kind, learning_rate, weight_decay, betas)
 
     @torch.no_grad()
     def generate(

@@ -4,7 +4,7 @@ Any OpenAI client can list the models and ask for completions::
 
     from openai import OpenAI
     client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
-    client.completions.create(model="step-600", prompt="ROMEO:", max_tokens=32)
+    client.completions.create(model="step-2400", prompt="ROMEO:", max_tokens=32)
 
 Endpoints: ``GET /health``, ``GET /v1/models``, ``GET /v1/models/{id}`` and
 ``POST /v1/completions`` (one JSON answer, or server-sent events with ``"stream": true``).
@@ -64,12 +64,12 @@ DONE = "data: [DONE]\n\n"  # the last server-sent event of a stream
 
 
 def model_id(spec: str) -> str:
-    """The id clients use for a model: the folder name (``step-600``) or the registry URI."""
+    """The id clients use for a model: the folder name (``step-2400``) or the registry URI."""
     return spec if spec.startswith(REGISTRY_PREFIX) else Path(spec).name
 
 
 def find_exports(export_dir: Path = EXPORT_DIR) -> list[Path]:
-    """Every export folder below ``export_dir``, in step order (step-100 before step-1000)."""
+    """Every export folder below ``export_dir``, in step order (step-800 before step-1600, unlike a name sort)."""
 
     def order(folder: Path) -> tuple[int, str]:
         step = folder.name.removeprefix("step-")
