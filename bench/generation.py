@@ -22,7 +22,6 @@ batch, and the time to the first new token. The best of ``--repeats`` runs is ke
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import tempfile
@@ -36,6 +35,7 @@ from openllm.checkpoint import save_checkpoint
 from openllm.config import MODEL_PRESETS, ExportConfig, SamplingConfig, TokenizerConfig
 from openllm.data import shakespeare_documents
 from openllm.export import export_checkpoint
+from openllm.fileio import write_json
 from openllm.model import GPT, GPTConfig
 from openllm.report import cpu_name
 from openllm.runtime import OnnxGenerator
@@ -172,8 +172,7 @@ def main() -> None:
         for name, row in figures["rows"].items():
             print(f"{batch:>5} {name:<16} {row['tokens_per_second']:>10.1f} {row['first_token_ms']:>9.1f} "
                   f"{row['speedup_vs_torch_no_cache']:>11.2f}x")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result, sort_keys=False)  # keep the order the report prints
 
 
 if __name__ == "__main__":

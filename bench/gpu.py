@@ -10,7 +10,6 @@ says so and exits 0, so `make bench` runs it everywhere.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from training import time_steps  # noqa: E402
 
+from openllm.fileio import write_json  # noqa: E402
 from openllm.perf import mfu, peak_matmul_flops  # noqa: E402
 
 
@@ -45,8 +45,7 @@ def main() -> None:
               f"MFU {row['mfu_vs_bf16_peak']:.1%}", flush=True)
     result = {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda,
               "peak_bf16_flops": peak, "runs": rows, "date": time.strftime("%Y-%m-%d")}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result, sort_keys=False)  # keep the order the report prints
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from char_baseline import CharConfig, bits_per_byte, train_for  # noqa: E402
 
 from openllm.config import load_params  # noqa: E402
 from openllm.data import iter_documents  # noqa: E402
+from openllm.fileio import write_json  # noqa: E402
 from openllm.report import cpu_name  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,7 +129,7 @@ def main() -> None:
         "end_to_end": {"clean_repro_seconds": clean_seconds, "noop_repro_seconds": noop_seconds,
                        "stage_seconds": stages},
         "quality": {
-            "openllm": {"preset": load_params(repo / "params.yaml").model.preset, "optimizer": train.get("optimizer"),
+            "openllm": {"preset": load_params(repo / "params.yaml").model.preset, "optimizer": train["optimizer"],
                         "compiled": train["compiled"],
                         "steps": train["steps"], "vocab_size": vocab_size, "parameters": train["parameters"],
                         "train_seconds": train["wall_seconds"], "tokens_per_second": train["tokens_per_second"],
@@ -146,8 +147,7 @@ def main() -> None:
         result["int8"] = {"decode_speedup": i["decode_speedup"], "bits_per_byte_change": i["bits_per_byte_change"],
                           "relative_change": i["bits_per_byte_change"] / i["bits_per_byte_fp32"],
                           "perplexity_change_percent": i["perplexity_change_percent"]}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result, sort_keys=False)  # keep the order the report prints
     print(json.dumps(result["end_to_end"] | {"quality": result["quality"]["bits_per_byte_reduction"]}, indent=2))
     shutil.rmtree(env["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
     if work is not None and not args.keep:

@@ -19,6 +19,7 @@ import numpy as np
 
 from openllm.config import TokenizerConfig
 from openllm.data import shakespeare_documents
+from openllm.fileio import write_json
 from openllm.tokenizer import encode_documents, load_tokenizer, token_dtype, train_tokenizer
 
 
@@ -57,8 +58,7 @@ def main() -> None:
         f"encode_mb_per_second_{workers}_processes": megabytes / pool,
         "workers": workers, "stored_tokens": int(len(stored)),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result, sort_keys=False)  # keep the order the report prints
     print(json.dumps(result, indent=2))
 
 

@@ -13,7 +13,6 @@ MFU counts model FLOPs only, so Muon's own matrix work is overhead it has to pay
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from openllm.config import MODEL_PRESETS, load_params
+from openllm.fileio import write_json
 from openllm.model import GPT, GPTConfig
 from openllm.perf import mfu, peak_matmul_flops
 from openllm.report import cpu_name
@@ -103,8 +103,7 @@ def main() -> None:
     result = {"device": args.device, "machine": cpu_name(),
               "threads": torch.get_num_threads(), "torch": torch.__version__,
               "peak_flops": peaks, "runs": rows, "date": time.strftime("%Y-%m-%d")}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result, sort_keys=False)  # keep the order the report prints
 
 
 if __name__ == "__main__":

@@ -68,13 +68,13 @@ def atomic_dir(final: str | Path, replace: bool = True) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_json(path: str | Path, data: Any) -> None:
-    """Write JSON atomically (temp file + fsync + rename)."""
+def write_json(path: str | Path, data: Any, sort_keys: bool = True) -> None:
+    """Write JSON atomically (temp file + fsync + rename); ``sort_keys=False`` keeps dict order."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
+        json.dump(data, f, indent=2, sort_keys=sort_keys)
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
