@@ -50,12 +50,20 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--baseline", action="store_true", help="also train the character-level baseline")
     args = parser.parse_args()
+    if args.seconds <= 0:
+        parser.error(f"--seconds must be positive, got {args.seconds}")
+    if not (args.data / "meta.json").is_file():
+        parser.error(f"{args.data / 'meta.json'} not found: run `dvc repro tokenize` first (or pass --data)")
 
     meta = read_json(args.data / "meta.json")
     train, val = load_tokens(args.data, "train"), load_tokens(args.data, "val")
     shape = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in MODEL_PRESETS[args.preset].items()}
     torch.manual_seed(1337)
-    model = GPT(GPTConfig(vocab_size=meta["vocab_size"], **shape)).train()
+    try:
+        config = GPTConfig(vocab_size=meta["vocab_size"], **shape)
+    except ValueError as error:
+        parser.error(f"model shape: {error}")
+    model = GPT(config).train()
     optimizer = model.configure_optimizer(args.weight_decay, args.learning_rate, (0.9, 0.95), kind=args.optimizer)
     for group in optimizer.param_groups:
         group["peak_lr"] = group["lr"]
