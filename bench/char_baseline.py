@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from openllm.data import iter_documents
 from openllm.scoring import score_windows
 
 
@@ -125,3 +126,12 @@ def bits_per_byte(model: CharGPT, data: CharData, text: str, context: int, batch
         logits = model(window[:, :-1])
         total += F.cross_entropy(logits.flatten(0, 1).double(), window[:, 1:].flatten(), reduction="sum").item()
     return total / (math.log(2) * len(text.encode("utf-8")))
+
+
+def train_and_score(seconds: float, raw_dir, cfg: CharConfig = CharConfig()) -> dict:
+    """Train on ``raw_dir``'s train.jsonl for ``seconds``, score val.jsonl; the figures benchmarks record."""
+    train_text = "\n".join(iter_documents(raw_dir / "train.jsonl"))
+    val_text = "\n".join(iter_documents(raw_dir / "val.jsonl"))
+    model, data, steps = train_for(seconds, train_text, cfg)
+    return {"steps": steps, "parameters": sum(p.numel() for p in model.parameters()), "train_seconds": seconds,
+            "val_bits_per_byte": bits_per_byte(model, data, val_text, cfg.context), "config": vars(cfg)}

@@ -26,10 +26,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from char_baseline import CharConfig, bits_per_byte, train_for  # noqa: E402
+from char_baseline import train_and_score  # noqa: E402
 
 from openllm.config import load_params  # noqa: E402
-from openllm.data import iter_documents  # noqa: E402
 from openllm.fileio import write_json  # noqa: E402
 from openllm.report import cpu_name  # noqa: E402
 
@@ -115,11 +114,7 @@ def main() -> None:
     final = json.loads(evaluations[-1].read_text())
 
     print(f"character-level baseline: training for {train['wall_seconds']:.0f} s (the train stage's time)", flush=True)
-    train_text = "\n".join(iter_documents(repo / "data" / "raw" / "train.jsonl"))
-    val_text = "\n".join(iter_documents(repo / "data" / "raw" / "val.jsonl"))
-    cfg = CharConfig()
-    model, data, steps = train_for(train["wall_seconds"], train_text, cfg)
-    char_bpb = bits_per_byte(model, data, val_text, cfg.context)
+    baseline = train_and_score(train["wall_seconds"], repo / "data" / "raw")
 
     result = {
         "machine": {"platform": platform.platform(), "processor": cpu_name(),
@@ -135,10 +130,8 @@ def main() -> None:
                         "train_seconds": train["wall_seconds"], "tokens_per_second": train["tokens_per_second"],
                         "checkpoint": final["step"], "val_bits_per_byte": final["val_bits_per_byte"],
                         "val_loss": final["val_loss"]},
-            "char_baseline": {"steps": steps, "parameters": sum(p.numel() for p in model.parameters()),
-                              "train_seconds": train["wall_seconds"], "val_bits_per_byte": char_bpb,
-                              "config": vars(cfg)},
-            "bits_per_byte_reduction": 1 - final["val_bits_per_byte"] / char_bpb,
+            "char_baseline": baseline,
+            "bits_per_byte_reduction": 1 - final["val_bits_per_byte"] / baseline["val_bits_per_byte"],
         },
     }
     export_json = repo / "models" / "export" / f"step-{final['step']}" / "export.json"
