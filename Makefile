@@ -46,3 +46,7 @@ bench: setup  ## benchmarks -> bench/results/*.json and README's Benchmarks sect
 
 clean:  ## remove pipeline outputs (keeps .venv)
 	rm -rf data/raw data/tokenized models/checkpoints models/export mlflow.db mlartifacts
+
+.PHONY: mlflow-server
+mlflow-server: setup  ## shared MLflow tracking server: PostgreSQL store, proxied artifacts in .mlflow-server/ (http://127.0.0.1:5000)
+	python -m ops.mlflow_server $(MLFLOW_SERVER_ARGS)
