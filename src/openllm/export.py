@@ -38,6 +38,7 @@ from . import checkpoint as ckpt
 from .config import ExportConfig, MlflowConfig, SamplingConfig
 from .errors import OpenLLMError
 from .fileio import atomic_dir, read_json, sha256_file, write_json
+from .inspection import ATTENTION_FILE, export_attention_onnx
 from .model import GPT, hf_weight_names
 from .runtime import CONFIG_FILE, FORMAT, OnnxGenerator, input_names, output_names
 from .sampling import Sampling
@@ -448,6 +449,7 @@ def export_checkpoint(
     with atomic_dir(out_dir) as tmp:
         export_onnx(model, tmp / MODEL_FILE, cfg.opset)
         check_onnx(tmp / MODEL_FILE, c.n_layer, cfg.opset)
+        export_attention_onnx(model, tmp / ATTENTION_FILE, cfg.opset)  # for the app's Inspect page
         shutil.copyfile(checkpoint_dir / ckpt.TOKENIZER, tmp / "tokenizer.model")
         if cfg.quantize:
             quantize_int8(tmp / MODEL_FILE, tmp / INT8_FILE)

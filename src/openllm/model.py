@@ -148,7 +148,8 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         mask: torch.Tensor | None,  # bool (B or 1, 1, T, S), True = may attend
         past: tuple[torch.Tensor, torch.Tensor] | None,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        need_probs: bool = False,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]:
         B, T, C = x.shape
         # (B, T, C) -> (B, H, T, D)
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
@@ -159,10 +160,16 @@ class Attention(nn.Module):
         if past is not None:  # append the new positions to the cache: (B, H, S, D)
             k = torch.cat((past[0], k), dim=2)
             v = torch.cat((past[1], v), dim=2)
-        # mask None means "plain causal, no past": let SDPA use its fused causal path.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        probs = None
+        if need_probs:  # explicit softmax, slower than SDPA, so that the weights can be returned
+            visible = mask if mask is not None else build_attention_mask(T, 0, None, x.device)
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, H, T, S)
+            probs = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1)
+            y = probs @ v
+        else:  # mask None means "plain causal, no past": let SDPA use its fused causal path.
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, H, T, D) -> (B, T, C)
-        return self.o_proj(y), (k, v)
+        return self.o_proj(y), (k, v), probs
 
 
 class MLP(nn.Module):
@@ -195,11 +202,12 @@ class Block(nn.Module):
         sin: torch.Tensor,
         mask: torch.Tensor | None,
         past: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        h, present = self.attn(self.attn_norm(x), cos, sin, mask, past)
+        need_probs: bool = False,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]:
+        h, present, probs = self.attn(self.attn_norm(x), cos, sin, mask, past, need_probs)
         x = x + h
         x = x + self.mlp(self.mlp_norm(x))
-        return x, present
+        return x, present, probs
 
 
 def build_attention_mask(
@@ -254,13 +262,16 @@ class GPT(nn.Module):
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         use_cache: bool = True,
-    ) -> tuple[torch.Tensor, KVCache | None]:
+        return_attention: bool = False,
+    ):
         """Run the model on ``input_ids`` (B, T).
 
         past_key_values: per-layer (key, value), each (B, H, T_past, D); T_past may be 0.
         position_ids: (B, T); defaults to T_past .. T_past+T-1.
         attention_mask: (B, T_past+T), 1 = real token, 0 = (left) padding.
-        Returns logits (B, T, V) in float32 and the updated cache (None if not use_cache).
+        Returns logits (B, T, V) in float32 and the updated cache (None if not use_cache);
+        with ``return_attention`` also each layer's attention probabilities (B, H, T, S),
+        computed by an explicit softmax (for inspecting the model, not for speed).
         """
         B, T = input_ids.shape
         T_past = 0 if past_key_values is None else past_key_values[0][0].shape[2]
@@ -276,15 +287,19 @@ class GPT(nn.Module):
         # Recompute activations in backward instead of storing them (training only).
         ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         presents: KVCache = []
+        attentions: list[torch.Tensor] = []
         for i, layer in enumerate(self.layers):
             past = None if past_key_values is None else past_key_values[i]
             if ckpt and past is None:
-                x, kv = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+                x, kv, probs = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
             else:
-                x, kv = layer(x, cos, sin, mask, past)
+                x, kv, probs = layer(x, cos, sin, mask, past, return_attention)
             presents.append(kv)
+            attentions.append(probs)
 
         logits = self.lm_head(self.norm(x)).float()  # (B, T, V)
+        if return_attention:
+            return logits, (presents if use_cache else None), attentions
         return logits, (presents if use_cache else None)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
