@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import random
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,7 +19,8 @@ from fixtures_export import CONTEXT, build_checkpoint, build_export
 from helpers import run_openllm
 from openllm.checkpoint import load_model
 from openllm.evaluate import token_nats
-from openllm.runtime import GenerationError, GenerationResult, OnnxGenerator
+from openllm.decode import TextAssembler
+from openllm.runtime import GenerationError, GenerationResult, ModelLoadError, OnnxGenerator
 from openllm.sampling import Sampling
 from openllm.tokenizer import EOS_ID
 from openllm.torch_generate import generate_ids
@@ -80,6 +84,24 @@ def test_batch_equals_one_at_a_time(generator: OnnxGenerator) -> None:
     assert sampled[1].token_ids == generator.generate(prompts[1], replace(HOT, seed=8)).token_ids
 
 
+def test_rows_joining_a_running_batch_write_what_they_write_alone(generator: OnnxGenerator) -> None:
+    """The server's continuous batching: rows join and leave between steps, texts unchanged."""
+    prompts = [generator.encode(p) for p in ("ROMEO:\n", "To be, or not to be", "Hi", "東京 🙂")]
+    settings = [replace(HOT, seed=s, max_new_tokens=m) for s, m in ((1, 20), (2, 5), (3, 12), (4, 16))]
+    rows = [generator.new_row(p, s) for p, s in zip(prompts, settings)]
+    batch = generator.decode_batch()
+    batch.add(rows[:1])
+    for join_at, row in ((3, rows[1]), (4, rows[2]), (9, rows[3])):
+        while len(rows[0].tokens) < join_at:
+            batch.step()
+        batch.add([row])
+    while batch.rows:
+        batch.step()
+    for prompt, sampling, row in zip(prompts, settings, rows):
+        alone = generator.generate_tokens([prompt], sampling)[0]
+        assert (row.tokens, row.text.text, row.finish) == (alone.token_ids, alone.text, alone.finish_reason)
+
+
 def test_result_fields_and_timing(generator: OnnxGenerator) -> None:
     result = generator.generate("Hello", Sampling(temperature=0.0, max_new_tokens=5))
     assert isinstance(result, GenerationResult)
@@ -99,6 +121,61 @@ def test_stop_strings(generator: OnnxGenerator) -> None:
     assert full.text.startswith(cut.text) and cut.text == full.text[: full.text.index(stop)]
     streamed = "".join(generator.stream("ROMEO:\n", HOT, stop=[stop]))
     assert streamed == cut.text
+
+
+def naive_cut(text: str, stops: list[str]) -> int | None:
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
+def test_stop_matching_agrees_with_find_on_overlapping_stops() -> None:
+    """Streamed text is cut at the earliest stop, and never shows a possible stop's beginning."""
+    alphabet = ["a", "b", "ab", "ba", "aab", "c"]  # token texts; overlaps are the hard cases
+    token_bytes = [t.encode() for t in alphabet]
+    chooser = random.Random(0)
+    for _ in range(300):
+        stops = ["".join(chooser.choice("ab") for _ in range(chooser.randint(1, 5))) for _ in range(2)]
+        tokens = [chooser.randrange(len(alphabet)) for _ in range(30)]
+        assembler, shown, used = TextAssembler(token_bytes, stops), "", 0
+        for token in tokens:
+            shown, used = shown + assembler.add(token), used + 1
+            if assembler.stopped:
+                break
+        text = "".join(alphabet[t] for t in tokens[:used])
+        cut = naive_cut(text, stops)
+        if cut is None:
+            held = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+            assert not assembler.stopped and shown == text[: len(text) - held]
+        else:
+            assert assembler.stopped == "stop" and shown == text[:cut], (stops, text)
+
+
+def test_export_without_a_checksum_is_refused(export_dir: Path, tmp_path: Path) -> None:
+    """An export whose config.json lacks a file's sha256 is not loaded unchecked (a flipped byte was served)."""
+    broken = tmp_path / "step-10"
+    shutil.copytree(export_dir, broken)
+    data = bytearray((broken / "model.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (broken / "model.onnx").write_bytes(bytes(data))
+    config = json.loads((broken / "config.json").read_text())
+    del config["sha256"]["model.onnx"]
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="no sha256 for model.onnx"):
+        OnnxGenerator.load(broken)
+
+
+def test_long_stop_strings_cost_time_linear_in_their_length(generator: OnnxGenerator) -> None:
+    """Four 16,000-character stop strings used to make 60 tokens 14x slower (quadratic matching)."""
+    sampling = replace(HOT, max_new_tokens=60)
+    stops = [c * 16_000 for c in "abcd"]  # never matched, always partly held back
+    generator.generate("ROMEO:\n", sampling)  # warm-up
+    started = time.perf_counter()
+    plain = generator.generate("ROMEO:\n", sampling)
+    no_stops = time.perf_counter() - started
+    started = time.perf_counter()
+    with_stops = generator.generate("ROMEO:\n", sampling, stop=stops)
+    assert with_stops.token_ids == plain.token_ids
+    assert time.perf_counter() - started < 3 * no_stops + 0.2  # building the tables: 64,000 steps
 
 
 def test_stream_joins_to_generate_with_emoji_and_cjk(generator: OnnxGenerator) -> None:
@@ -256,6 +333,8 @@ def test_cli_generate_streams_and_reports_errors(export_dir: Path, tmp_path: Pat
         (["--model", str(export_dir), ""], "prompt is empty"),
         (["--model", str(export_dir), "--max-new-tokens", "100000", "Hi"], "max_new_tokens"),
         (["--model", str(tmp_path / "missing"), "Hi"], "not found"),
+        (["--model", str(export_dir), os.fsdecode(b"caf\xe9 au lait")], "not valid UTF-8"),  # Latin-1 bytes
+        (["--model", str(export_dir), "--stop", os.fsdecode(b"\xff"), "Hi"], "not valid UTF-8"),
     ):
         bad = run_openllm("generate", *args, cwd=tmp_path)
         assert bad.returncode == 2, bad.stderr

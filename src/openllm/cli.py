@@ -110,6 +110,11 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_generate(args: argparse.Namespace) -> None:
     from .runtime import OnnxGenerator
 
+    for text in (args.prompt, *(args.stop or ())):
+        try:  # the shell passes bytes: invalid UTF-8 arrives as lone surrogates (surrogateescape)
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise OpenLLMError(f"{text!r} is not valid UTF-8 text (byte {exc.start})") from None
     generator = OnnxGenerator.load(args.model, quantized=args.int8)
     sampling = generator.sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                   max_new_tokens=args.max_new_tokens, seed=args.seed)

@@ -7,8 +7,8 @@ served model behaves exactly like the one that was verified at export time.
 
 Behaviour worth knowing:
 
-- Tokens are chosen by :func:`openllm.sampling.sample_next`, the sampler of the PyTorch paths.
-  Prompt ``i`` of a batch is sampled with its own generator seeded ``seed + i``, so a prompt's
+- Generation runs the decode loop of :mod:`openllm.decode` (as the PyTorch paths and the server
+  do) over :meth:`OnnxGenerator.forward`. Prompt ``i`` of a batch is sampled with its own generator seeded ``seed + i``, so a prompt's
   text does not depend on what else is in the batch (and prompt 0 matches a lone prompt).
 - A prompt longer than the context keeps its last ``context_length - 1`` tokens (like
   :func:`openllm.torch_generate.generate_ids`); ``truncated_prompt_tokens`` says how many were
@@ -21,7 +21,7 @@ Behaviour worth knowing:
 
 from __future__ import annotations
 
-import codecs
+import re
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -31,9 +31,10 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import onnxruntime as ort
 
+from .decode import DecodeBatch, Row, TextAssembler
 from .errors import OpenLLMError
 from .fileio import read_json, sha256_file
-from .sampling import Sampling, sample_next
+from .sampling import Sampling
 from .scoring import language_metrics, score_windows
 from .tokenizer import load_tokenizer
 
@@ -76,51 +77,6 @@ class GenerationResult:
     @property
     def tokens_per_second(self) -> float:
         return self.completion_tokens / self.seconds if self.seconds > 0 else 0.0
-
-
-class _TextAssembler:
-    """Generated tokens -> text that is safe to show, for one prompt.
-
-    Safe means: whole UTF-8 characters only, and nothing that might still turn out to be the
-    start of a stop string. Invalid bytes become U+FFFD.
-    """
-
-    def __init__(self, token_bytes: list[bytes], stops: Sequence[str]) -> None:
-        self._token_bytes = token_bytes
-        self._stops = stops
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._text = ""  # everything decoded so far
-        self._shown = 0  # characters of _text already handed out
-        self.stopped = False
-
-    def add(self, token: int) -> str:
-        """Append one token; return the newly safe text ('' if none)."""
-        self._text += self._decoder.decode(self._token_bytes[token])
-        hits = [i for i in (self._text.find(s) for s in self._stops) if i >= 0]
-        if hits:  # earliest stop string: show what precedes it, then nothing more
-            self.stopped = True
-            return self._take(min(hits))
-        # Hold back the longest tail that is a proper prefix of some stop string.
-        held = max(
-            (k for s in self._stops for k in range(1, len(s)) if self._text.endswith(s[:k])),
-            default=0,
-        )
-        return self._take(len(self._text) - held)
-
-    def finish(self) -> str:
-        """The held-back rest at the end of generation (incomplete bytes become U+FFFD)."""
-        if self.stopped:
-            return ""
-        self._text += self._decoder.decode(b"", final=True)
-        return self._take(len(self._text))
-
-    def _take(self, end: int) -> str:
-        piece, self._shown = self._text[self._shown:end], max(self._shown, end)
-        return piece
-
-    @property
-    def text(self) -> str:
-        return self._text[: self._shown]
 
 
 def _token_bytes(tokenizer) -> list[bytes]:
@@ -177,8 +133,10 @@ class OnnxGenerator:
             raise ModelLoadError(f"{folder}: has no int8 model (export.quantize was off)")
         model_path, tokenizer_path = _find(folder, name), _find(folder, config["files"]["tokenizer"])
         for path in (model_path, tokenizer_path):  # catches any corruption, not just unparsable files
-            expected = config["sha256"].get(path.name)
-            if expected and sha256_file(path) != expected:
+            expected = config["sha256"].get(path.name) if isinstance(config["sha256"], dict) else None
+            if not expected:  # an unchecked file could be anything: refuse it, as a wrong checksum
+                raise ModelLoadError(f"{folder / CONFIG_FILE}: no sha256 for {path.name}, so it cannot be verified")
+            if sha256_file(path) != expected:
                 raise ModelLoadError(f"{path}: corrupt (sha256 differs from {CONFIG_FILE})")
         tokenizer = load_tokenizer(tokenizer_path)
         if tokenizer.vocab_size() != config["vocab_size"]:
@@ -225,9 +183,12 @@ class OnnxGenerator:
         return [np.zeros((batch, self.n_head, 0, self.head_dim), np.float32) for _ in range(2 * self.n_layer)]
 
     def forward(
-        self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, past: list[np.ndarray]
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
+        past: list[np.ndarray] | None,
     ) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Run the model once: logits (B, T, V) and the cache grown by T tokens."""
+        """Run the model once: logits (B, T, V) and the cache grown by T tokens (``past`` None: empty)."""
+        if past is None:
+            past = self.empty_past(len(input_ids))
         feed = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64),
                 "position_ids": position_ids.astype(np.int64)}
         feed.update(zip(input_names(self.n_layer)[3:], past))
@@ -239,8 +200,9 @@ class OnnxGenerator:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
 
-    def decode(self, ids: Sequence[int]) -> str:
-        return b"".join(self._token_bytes[i] for i in ids).decode("utf-8", errors="replace")
+    def token_text(self, token: int) -> str:
+        """What one token stands for, alone (a byte of a longer character shows as U+FFFD)."""
+        return self._token_bytes[token].decode("utf-8", errors="replace")
 
     def count_bytes(self, ids: Sequence[int]) -> int:
         """UTF-8 bytes that ``ids`` stand for (the denominator of bits per byte)."""
@@ -319,6 +281,17 @@ class OnnxGenerator:
             checked.append(ids)
         return checked
 
+    def new_row(
+        self, prompt_ids: Sequence[int], sampling: Sampling, stop: Sequence[str] = (),
+        blocked: re.Pattern[str] | None = None, top_logprobs: int | None = None,
+    ) -> Row:
+        """A row for :class:`openllm.decode.DecodeBatch` that also assembles its text."""
+        return Row(list(prompt_ids), sampling, TextAssembler(self._token_bytes, stop, blocked), top_logprobs)
+
+    def decode_batch(self) -> DecodeBatch:
+        """An empty decode loop over this model (rows may join it at any step)."""
+        return DecodeBatch(self.forward, self.context_length, self.eos_id)
+
     def _run(
         self, prompt_ids: Sequence[Sequence[int]], sampling: Sampling | None, stop: Sequence[str],
         results: list[GenerationResult],
@@ -328,59 +301,22 @@ class OnnxGenerator:
         prompts = self._check(prompt_ids, sampling, stop)
         started = time.perf_counter()
         keep = self.context_length - 1  # an over-long prompt keeps its end, leaving room for one token
-        dropped = [max(0, len(p) - keep) for p in prompts]
-        prompts = [p[-keep:] for p in prompts]
-        B, L = len(prompts), max(len(p) for p in prompts)
-        ids = np.zeros((B, L), np.int64)
-        mask = np.zeros((B, L), np.int64)  # 0 = left padding
-        for i, p in enumerate(prompts):
-            ids[i, L - len(p):] = p
-            mask[i, L - len(p):] = 1
-        positions = np.maximum(mask.cumsum(axis=1) - 1, 0)  # every prompt starts at position 0
-        budget = [min(sampling.max_new_tokens, self.context_length - len(p)) for p in prompts]
-        rngs = [np.random.default_rng(None if sampling.seed is None else sampling.seed + i) for i in range(B)]
-        texts = [_TextAssembler(self._token_bytes, list(stop)) for _ in range(B)]
-        new: list[list[int]] = [[] for _ in range(B)]
-        finish: list[str | None] = [None] * B
-        first_token = 0.0
-
-        logits, past = self.forward(ids, mask, positions, self.empty_past(B))  # prefill
-        next_position = positions[:, -1:] + 1
-        while True:
-            tokens = np.full((B, 1), self.eos_id, np.int64)  # finished rows just carry EOS along
-            for i in range(B):
-                if finish[i] is None:
-                    tokens[i, 0] = sample_next(logits[i : i + 1, -1], sampling, rngs[i])[0]
-            first_token = first_token or time.perf_counter() - started
-            for i in range(B):
-                if finish[i] is not None:
-                    continue
-                token = int(tokens[i, 0])
-                piece = ""
-                if token == self.eos_id:
-                    finish[i], piece = "stop", texts[i].finish()
-                else:
-                    new[i].append(token)
-                    piece = texts[i].add(token)
-                    if texts[i].stopped:
-                        finish[i] = "stop"
-                    elif len(new[i]) >= budget[i]:
-                        finish[i] = "length"
-                        piece += texts[i].finish()
-                if piece:
+        seeds = [None if sampling.seed is None else sampling.seed + i for i in range(len(prompts))]
+        rows = [self.new_row(p[-keep:], replace(sampling, seed=seed), stop) for p, seed in zip(prompts, seeds)]
+        batch = self.decode_batch()
+        batch.add(rows)
+        while batch.rows:
+            batch.step()
+            for i, row in enumerate(rows):
+                for piece in row.take_pieces():
                     yield i, piece
-            if all(finish):
-                break
-            mask = np.concatenate([mask, np.ones((B, 1), np.int64)], axis=1)
-            logits, past = self.forward(tokens, mask, next_position, past)
-            next_position = next_position + 1
-
         seconds = time.perf_counter() - started
-        for i in range(B):
+        for prompt, row in zip(prompts, rows):
             results.append(GenerationResult(
-                text=texts[i].text, token_ids=new[i], prompt_tokens=len(prompts[i]),
-                completion_tokens=len(new[i]), finish_reason=finish[i], seconds=seconds,
-                time_to_first_token=first_token, truncated_prompt_tokens=dropped[i],
+                text=row.text.text, token_ids=row.tokens, prompt_tokens=len(row.prompt),
+                completion_tokens=len(row.tokens), finish_reason=row.finish, seconds=seconds,
+                time_to_first_token=min(r.first_token_seconds for r in rows),
+                truncated_prompt_tokens=len(prompt) - len(row.prompt),
             ))
 
     # --- scoring -------------------------------------------------------------------------
