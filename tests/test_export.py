@@ -16,7 +16,7 @@ from openllm.checkpoint import CheckpointError, load_model
 from openllm.config import ExportConfig, MlflowConfig, SamplingConfig
 from openllm.errors import OpenLLMError
 from openllm.export import ALIAS_BEST, ALIAS_NEWEST, ExportError, export_checkpoint
-from openllm.fileio import read_json, write_json
+from openllm.fileio import read_json, sha256_file, write_json
 from openllm.runtime import ModelLoadError, OnnxGenerator, input_names, output_names
 from openllm.sampling import Sampling
 from openllm.tokenizer import EOS_ID, load_tokenizer
@@ -143,9 +143,14 @@ def test_corrupt_or_missing_files_are_clear_errors(export_dir: Path, tmp_path: P
 
     (broken / "model.onnx").write_bytes(b"not an onnx model")  # and a config that agrees with it
     config = read_json(broken / "config.json")
-    config["sha256"]["model.onnx"] = None
+    config["sha256"]["model.onnx"] = sha256_file(broken / "model.onnx")
     write_json(broken / "config.json", config)
     with pytest.raises(ModelLoadError, match="onnxruntime cannot load"):
+        OnnxGenerator.load(broken)
+
+    del config["sha256"]["model.onnx"]  # a missing checksum is refused like a wrong one
+    write_json(broken / "config.json", config)
+    with pytest.raises(ModelLoadError, match="no sha256 for model.onnx"):
         OnnxGenerator.load(broken)
 
     (broken / "config.json").unlink()
