@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
+from .bias import bias_metrics
 from .config import EvaluateConfig
 from .errors import OpenLLMError
 from .fileio import read_json, write_json
@@ -109,6 +110,7 @@ def evaluate_checkpoint(checkpoint_dir: Path, tokenized_dir: Path, cfg: Evaluate
         "eval_tokens_per_second": count / seconds,
         "eval_precision": "bf16" if bf16 else "fp32",
         "mlflow_run_id": meta.get("mlflow_run_id"),
+        **bias_metrics(model, load_tokenizer(checkpoint_dir / ckpt.TOKENIZER)),  # src/openllm/bias.py
     }
     write_samples(model, load_tokenizer(checkpoint_dir / ckpt.TOKENIZER), cfg, meta["step"], samples_path)
     write_json(metrics_path, metrics)
