@@ -10,7 +10,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup run test results app serve bench clean
+.PHONY: setup run test results app serve bench clean docs docs-serve
 
 $(STAMP): pyproject.toml
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,13 @@ test: setup  ## the test suite (tiny models, real DVC/MLflow/Prefect/onnxruntime
 
 results: setup  ## write the results table of the last `make run` into README.md
 	python -m openllm report --readme README.md
+
+docs: setup  ## the documentation site: figures from the trained checkpoints (docs/generated), then a strict build into site/
+	python -m openllm.docs_figures
+	NO_MKDOCS_2_WARNING=1 mkdocs build --strict
+
+docs-serve: docs  ## the documentation site on http://127.0.0.1:8001 (this machine only), rebuilt when a page changes
+	NO_MKDOCS_2_WARNING=1 mkdocs serve --strict --dev-addr 127.0.0.1:8001
 
 app: setup  ## the Streamlit comparison app on http://127.0.0.1:8501 (every model in models/export)
 	streamlit run app/streamlit_app.py --server.address 127.0.0.1 --server.headless true --browser.gatherUsageStats false
