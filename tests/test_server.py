@@ -5,15 +5,17 @@ Two kinds of server, both on 127.0.0.1 with a free port:
 - ``server``: ``openllm serve`` in a subprocess, started in a folder whose models/export holds
   two exports with different weights (step-10, step-20) and whose params.yaml has small
   limits. Its process id lets the load test read the server's memory.
-- ``live(models, **limits)``: uvicorn in a thread of this process, serving a
-  :class:`SlowGenerator` (the tiny model is done in milliseconds; this one sleeps between text
-  pieces), to test concurrency, the time limit and clients that disconnect.
+- ``live(models, **limits)``: uvicorn in a thread of this process (with the HTTP-layer
+  settings of ``openllm serve``), often serving a :class:`SlowGenerator` (the tiny model is
+  done in milliseconds; this one sleeps in each model call), to test the queue, the time
+  limit, clients that disconnect, authentication, metrics and the output filter.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import socket
 import sys
 import threading
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import httpx
+import numpy as np
 import openai
 import psutil
 import pytest
@@ -32,13 +35,15 @@ from helpers import REPO_ROOT, run_openllm, write_params
 from openllm.config import ExportConfig, SamplingConfig, ServeConfig
 from openllm.export import export_checkpoint
 from openllm.runtime import ModelLoadError, OnnxGenerator
-from openllm.server import create_app, find_exports, load_models, model_id
+from openllm.decode import log_softmax
+from openllm.server import create_app, find_exports, load_models, model_id, uvicorn_config
+from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(REPO_ROOT / "bench"))
 from server_load import free_port, measure, start_server, stop_server  # noqa: E402
 
 LIMITS = dict(max_prompt_tokens=100, max_tokens=64, max_body_bytes=8192, max_n=3, max_prompts=4,
-              max_concurrent=8, request_timeout_seconds=30)
+              batch_size=8, max_queued=16, request_timeout_seconds=30)
 PROMPT = "ROMEO:\n"
 ERROR_KEYS = {"message", "type", "param", "code"}
 
@@ -90,25 +95,25 @@ def http(server: tuple[str, int]) -> Iterator[httpx.Client]:
 
 
 class SlowGenerator(OnnxGenerator):
-    """A loaded model that sleeps ``delay`` seconds after each text piece, counting them."""
+    """A loaded model that sleeps ``delay`` seconds in each model call, counting the calls."""
 
     def __init__(self, model: OnnxGenerator, delay: float = 0.02) -> None:
         vars(self).update(vars(model))
-        self.delay, self.pieces = delay, 0
+        self.delay, self.calls = delay, 0
 
-    def stream(self, *args: Any, **kwargs: Any) -> Iterator[str]:
-        for piece in super().stream(*args, **kwargs):
-            self.pieces += 1
-            time.sleep(self.delay)
-            yield piece
+    def forward(self, *args: Any) -> Any:
+        self.calls += 1
+        time.sleep(self.delay)
+        return super().forward(*args)
 
 
 @contextlib.contextmanager
-def live(models: dict[str, OnnxGenerator], **limits: Any) -> Iterator[str]:
+def live(models: dict[str, OnnxGenerator], api_key: str | None = None, **limits: Any) -> Iterator[str]:
     """Serve ``models`` with uvicorn in a thread; yields the base URL."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(models, ServeConfig(**limits)), log_level="warning",
+    settings = ServeConfig(**limits)
+    server = uvicorn.Server(uvicorn_config(create_app(models, settings, api_key), settings, log_level="warning",
                                            timeout_graceful_shutdown=2))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -130,6 +135,10 @@ def wait_for(condition: Callable[[], bool], timeout: float) -> None:
 
 def busy(url: str) -> int:
     return httpx.get(f"{url}/health").json()["generations"]
+
+
+def openai_client(url: str, **options: Any) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", **{"api_key": "unused", "max_retries": 0, "timeout": 30, **options})
 
 
 # --- loading ---------------------------------------------------------------------------
@@ -167,7 +176,7 @@ def test_serve_command_errors_are_one_line(tmp_path: Path) -> None:
 
 def test_health_models_and_loopback_only(server: tuple[str, int], http: httpx.Client, client: openai.OpenAI) -> None:
     assert http.get("/health").json() == {"status": "ok", "models": ["step-10", "step-20"], "generations": 0,
-                                          "max_concurrent": 8}
+                                          "queued": 0, "batch_size": 8, "max_queued": 16}
     assert [m.id for m in client.models.list().data] == ["step-10", "step-20"]
     assert client.models.retrieve("step-20").owned_by == "openllm"
     listening = [c.laddr.ip for c in psutil.Process(server[1]).net_connections("tcp") if c.status == "LISTEN"]
@@ -244,8 +253,10 @@ def test_stream_wire_format(http: httpx.Client) -> None:
     chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-2]]
     assert all(e.startswith("data: {") for e in events[:-2])
     indexes = [c["choices"][0]["index"] for c in chunks]
-    assert indexes == sorted(indexes) and set(indexes) == {0, 1}  # the choices one after the other
-    assert [c["choices"][0]["finish_reason"] is not None for c in chunks].count(True) == 2
+    assert set(indexes) == {0, 1}  # the two choices are generated together, so their pieces interleave
+    for index in (0, 1):
+        finishes = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"][0]["index"] == index]
+        assert finishes[-1] is not None and set(finishes[:-1]) <= {None}
 
 
 def test_openai_client_errors(client: openai.OpenAI) -> None:
@@ -261,8 +272,8 @@ def test_openai_client_errors(client: openai.OpenAI) -> None:
     assert (info.value.param, info.value.code) == ("model", "model_not_found")
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("step-99")
-    with pytest.raises(openai.BadRequestError, match="echo.*not supported"):
-        client.completions.create(model="step-10", prompt=PROMPT, echo=True)
+    with pytest.raises(openai.BadRequestError, match="best_of.*not supported"):
+        client.completions.create(model="step-10", prompt=PROMPT, best_of=3)
 
 
 # --- the subprocess server: bad requests -----------------------------------------------
@@ -296,8 +307,8 @@ BAD_REQUESTS = [
     bad("empty-prompt-list", 400, "prompt", "at least 1 item", body(prompt=[])),
     bad("huge-prompt", 400, "prompt", "at most 100 (serve.max_prompt_tokens)", body(prompt="to be or not " * 300)),
     bad("too-many-prompts", 400, "prompt", "at most 4 per request", body(prompt=["a"] * 5)),
-    bad("max-tokens-negative", 400, "max_tokens", "greater than or equal to 1", body(max_tokens=-1)),
-    bad("max-tokens-zero", 400, "max_tokens", "greater than or equal to 1", body(max_tokens=0)),
+    bad("max-tokens-negative", 400, "max_tokens", "greater than or equal to 0", body(max_tokens=-1)),
+    bad("max-tokens-zero", 400, None, "only allowed with echo=true", body(max_tokens=0)),
     bad("max-tokens-enormous", 400, "max_tokens", "at most 64", body(max_tokens=10**30)),
     bad("temperature-nan", 400, None, "NaN is not a JSON value", body(temperature=float("nan"))),
     bad("temperature-infinity", 400, None, "Infinity is not a JSON value", body(temperature=float("inf"))),
@@ -314,8 +325,15 @@ BAD_REQUESTS = [
     bad("stop-too-many", 400, "stop", "at most 4 items", body(stop=["a", "b", "c", "d", "e"])),
     bad("stop-empty-string", 400, "stop", "empty strings", body(stop="")),
     bad("stop-not-strings", 400, "stop", "string or a list of strings", body(stop=[1])),
-    bad("unsupported-echo", 400, "echo", "not supported", body(echo=True)),
-    bad("unsupported-logprobs", 400, "logprobs", "not supported", body(logprobs=3)),
+    bad("unsupported-best-of", 400, "best_of", "not supported", body(best_of=2)),
+    bad("logprobs-too-many", 400, "logprobs", "less than or equal to 5", body(logprobs=6)),
+    bad("logprobs-in-a-stream", 400, "stream", "not supported with stream", body(logprobs=1, stream=True)),
+    bad("lone-surrogate-prompt", 400, "prompt", "lone surrogate", b'{"model": "step-10", "prompt": "a\\ud800b"}'),
+    bad("lone-surrogate-stop", 400, "stop", "stop[1] holds a lone surrogate",
+        b'{"model": "step-10", "prompt": "a", "stop": ["x", "\\udfff"]}'),
+    bad("lone-surrogate-model", 400, "model", "lone surrogate", b'{"model": "\\ud83d", "prompt": "a"}'),
+    bad("prompt-and-max-tokens-beyond-context", 400, "prompt", "the model's context is 128 tokens, but",
+        body(prompt="to be or not " * 10, max_tokens=64)),
     bad("misspelt-field", 400, "max_token", "unknown field 'max_token'", body(max_token=5)),
     bad("stream-options-wrong", 400, "stream_options", "valid boolean", body(stream_options={"include_usage": "yes"})),
     bad("invalid-utf8", 400, None, "not valid UTF-8", b'{"model": "step-10", "prompt": "\xff\xfe"}'),
@@ -363,37 +381,83 @@ def test_load_8_clients_no_errors_flat_memory(server: tuple[str, int]) -> None:
     assert result["rss_growth_mb"] < 50, result
 
 
-# --- in-process servers with a slow model ----------------------------------------------
+# --- in-process servers with a slow model: the queue, time limits, disconnects ---------
 
 
-def test_busy_server_answers_429_at_once(generators: dict[str, OnnxGenerator]) -> None:
-    slow = SlowGenerator(generators["step-10"])
+def ask_in_threads(url: str, count: int, **request: Any) -> list[tuple[str, float, str]]:
+    """``count`` concurrent completions; (outcome, seconds, text or error message) each."""
     outcomes: list[tuple[str, float, str]] = []
-    with live({"step-10": slow}, max_concurrent=1) as url:
 
-        def ask() -> None:
-            client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=30)
-            started = time.perf_counter()
-            try:
-                client.completions.create(model="step-10", prompt=PROMPT, max_tokens=100, temperature=0)  # >= 2 s
-                outcomes.append(("ok", time.perf_counter() - started, ""))
-            except openai.RateLimitError as exc:
-                outcomes.append(("429", time.perf_counter() - started, exc.message))
-
-        threads = [threading.Thread(target=ask) for _ in range(4)]
-        for thread in threads:
-            thread.start()
-        wait_for(lambda: busy(url) == 1, 2)  # the event loop answers during a generation...
+    def ask() -> None:
         started = time.perf_counter()
-        assert busy(url) == 1
-        assert time.perf_counter() - started < 0.5  # ...at once
-        for thread in threads:
-            thread.join(30)
+        try:
+            text = openai_client(url).completions.create(**request).choices[0].text
+            outcomes.append(("ok", time.perf_counter() - started, text))
+        except openai.RateLimitError as exc:
+            outcomes.append(("429", time.perf_counter() - started, exc.message))
+
+    threads = [threading.Thread(target=ask) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    return outcomes
+
+
+def test_full_queue_answers_429_at_once_and_queued_requests_complete(generators: dict[str, OnnxGenerator]) -> None:
+    slow = SlowGenerator(generators["step-10"])
+    request = dict(model="step-10", prompt=PROMPT, max_tokens=60, temperature=0)  # >= 1.2 s each, one at a time
+    with live({"step-10": slow}, batch_size=1, max_queued=2) as url:
+        outcomes = ask_in_threads(url, 6, **request)
+        started = time.perf_counter()
+        assert busy(url) == 0  # the event loop answers at once
+        assert time.perf_counter() - started < 0.5
     kinds = sorted(kind for kind, _, _ in outcomes)
-    assert kinds.count("ok") >= 1 and kinds.count("429") >= 2, outcomes
+    assert kinds == ["429"] * 3 + ["ok"] * 3, outcomes  # one generating, two waiting, three refused
     for kind, seconds, message in outcomes:
         if kind == "429":
-            assert seconds < 1.5 and "serve.max_concurrent" in message  # not after the running one
+            assert seconds < 1.0 and "serve.max_queued" in message  # not after the running one
+    texts = {text for kind, _, text in outcomes if kind == "ok"}
+    assert texts == {generators["step-10"].generate(PROMPT, generators["step-10"].sampling(
+        temperature=0, max_new_tokens=60)).text}
+
+
+def test_concurrent_requests_share_steps_and_keep_their_seeded_text(generators: dict[str, OnnxGenerator]) -> None:
+    """8 clients at once: each gets what the runtime alone writes for its seed, in fewer model calls."""
+    slow = SlowGenerator(generators["step-10"], delay=0.005)
+    prompts = [PROMPT, "To be", "Hi", "東京 🙂", "KING:", "a", "Now is", "O"]
+    results: dict[int, str] = {}
+
+    def ask(i: int) -> None:
+        results[i] = openai_client(url).completions.create(model="step-10", prompt=prompts[i], max_tokens=20,
+                                                           temperature=1.0, seed=100 + i).choices[0].text
+
+    with live({"step-10": slow}, batch_size=8) as url:
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    generator = generators["step-10"]
+    for i, prompt in enumerate(prompts):
+        assert results[i] == generator.generate(prompt, generator.sampling(temperature=1.0, max_new_tokens=20,
+                                                                           seed=100 + i)).text
+    assert slow.calls < 8 * 21 * 0.75  # alone, each request makes up to 21 model calls
+
+
+def test_queued_request_whose_client_leaves_is_dropped(generators: dict[str, OnnxGenerator]) -> None:
+    slow = SlowGenerator(generators["step-10"])
+    request = {"model": "step-10", "prompt": PROMPT, "max_tokens": 60, "temperature": 0}
+    with live({"step-10": slow}, batch_size=1, max_queued=1) as url:
+        runner = threading.Thread(target=lambda: httpx.post(f"{url}/v1/completions", json=request, timeout=30))
+        runner.start()
+        wait_for(lambda: busy(url) == 1, 5)
+        with pytest.raises(httpx.ReadTimeout):  # waits in the queue, then gives up
+            httpx.post(f"{url}/v1/completions", json=request, timeout=0.3)
+        wait_for(lambda: httpx.get(f"{url}/health").json()["queued"] == 0, 2)  # its place is free again
+        response = httpx.post(f"{url}/v1/completions", json={**request, "max_tokens": 2}, timeout=30)
+        assert response.status_code == 200  # queued behind the runner, not refused
+        runner.join(30)
 
 
 def test_time_limit_stops_the_generation(generators: dict[str, OnnxGenerator]) -> None:
@@ -402,13 +466,12 @@ def test_time_limit_stops_the_generation(generators: dict[str, OnnxGenerator]) -
     with live({"step-10": slow}, request_timeout_seconds=0.3) as url:
         started = time.perf_counter()
         response = httpx.post(f"{url}/v1/completions", json=request, timeout=30)
-        assert time.perf_counter() - started < 1.5  # 100 pieces would take 2 s
+        assert time.perf_counter() - started < 1.5  # 100 calls would take 2 s
         assert response.status_code == 504 and response.json()["error"]["code"] == "generation_timeout"
         assert response.headers["x-should-retry"] == "false"
-        assert slow.pieces < 40
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=30)
+        assert slow.calls < 40
         with pytest.raises(openai.APIError, match="took longer than 0.3 s"):
-            for _ in client.completions.create(**request, stream=True):
+            for _ in openai_client(url).completions.create(**request, stream=True):
                 pass
         wait_for(lambda: busy(url) == 0, 2)
 
@@ -416,28 +479,26 @@ def test_time_limit_stops_the_generation(generators: dict[str, OnnxGenerator]) -
 def test_client_that_disconnects_stops_its_generation(generators: dict[str, OnnxGenerator]) -> None:
     slow = SlowGenerator(generators["step-10"])
     request = {"model": "step-10", "prompt": PROMPT, "max_tokens": 120, "temperature": 0}
-    with live({"step-10": slow}, max_concurrent=1) as url:
+    with live({"step-10": slow}, batch_size=1) as url:
         with httpx.Client(base_url=url, timeout=30) as session:
             with session.stream("POST", "/v1/completions", json={**request, "stream": True}) as response:
                 assert next(response.iter_lines()).startswith("data: {")
         # Leaving the block closed the connection mid-stream.
         wait_for(lambda: busy(url) == 0, 2)
-        stopped_at = slow.pieces
+        stopped_at = slow.calls
         time.sleep(0.2)
-        assert slow.pieces == stopped_at < 60
+        assert slow.calls == stopped_at < 60
 
         with pytest.raises(httpx.ReadTimeout):  # a non-streaming client that gives up
             httpx.post(f"{url}/v1/completions", json=request, timeout=0.3)
         wait_for(lambda: busy(url) == 0, 2)
-        assert slow.pieces - stopped_at < 60
-
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=30)
-        assert client.completions.create(model="step-10", prompt=PROMPT, max_tokens=3).choices[0].finish_reason
+        assert slow.calls - stopped_at < 60
+        assert openai_client(url).completions.create(model="step-10", prompt=PROMPT, max_tokens=3).choices[0].finish_reason
 
 
 def test_registry_ids_work_in_urls_and_requests(generators: dict[str, OnnxGenerator]) -> None:
     with live({"models:/openllm@best": generators["step-10"]}) as url:
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=30)
+        client = openai_client(url)
         assert client.models.retrieve("models:/openllm@best").id == "models:/openllm@best"
         response = client.completions.create(model="models:/openllm@best", prompt=PROMPT, max_tokens=3)
         assert response.model == "models:/openllm@best"

@@ -12,6 +12,7 @@ from .errors import OpenLLMError
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -278,8 +279,29 @@ class ServeConfig(Section):
     max_body_bytes: int = Field(65536, gt=0, description="request body size, checked before parsing")
     max_n: int = Field(4, gt=0, description="completions per prompt (n)")
     max_prompts: int = Field(8, gt=0, description="prompts in one request (prompt given as a list)")
-    max_concurrent: int = Field(4, gt=0, description="generations at once; more get 429")
-    request_timeout_seconds: float = Field(60.0, gt=0, description="generation time per request; then 504")
+    batch_size: int = Field(8, gt=0, le=256, description="choices generated together per model (decode steps shared)")
+    max_queued: int = Field(32, ge=0, description="requests waiting for a place in the batch; more get 429")
+    request_timeout_seconds: float = Field(60.0, gt=0, description="time per request, waiting included; then 504")
+    api_key_env: str = Field("OPENLLM_API_KEY", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+                             description="environment variable holding the bearer token; unset or empty = no auth")
+    allow_unauthenticated: bool = Field(False, description="serve beyond loopback without an API key")
+    output_filter: list[str] = Field([], description="regular expressions (case-insensitive) a completion must not "
+                                                      "contain; a match ends it with finish_reason content_filter")
+    client_timeout_seconds: float = Field(10.0, gt=0, description="to send a request's headers, or its body; "
+                                                                  "also how long an idle connection stays open")
+    max_connections: int = Field(256, gt=0, description="open connections; beyond it requests get 503")
+    max_header_bytes: int = Field(16384, ge=1024, description="request line and headers; larger gets 400")
+
+    @field_validator("output_filter")
+    @classmethod
+    def _patterns_compile(cls, patterns: list[str]) -> list[str]:
+        for i, pattern in enumerate(patterns):
+            try:
+                if re.compile(pattern).match(""):
+                    raise ValueError(f"serve.output_filter[{i}]={pattern!r} matches empty text (it would block all)")
+            except re.error as exc:
+                raise ValueError(f"serve.output_filter[{i}]={pattern!r} is not a regular expression ({exc})") from None
+        return patterns
 
 
 class AppConfig(Section):

@@ -6,58 +6,59 @@ Any OpenAI client can list the models and ask for completions::
     client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
     client.completions.create(model="step-2400", prompt="ROMEO:", max_tokens=32)
 
-Endpoints: ``GET /health``, ``GET /v1/models``, ``GET /v1/models/{id}`` and
-``POST /v1/completions`` (one JSON answer, or server-sent events with ``"stream": true``).
-Each model is an :class:`openllm.runtime.OnnxGenerator`, so it writes what ``openllm generate``
-writes with the same settings.
+Endpoints: ``GET /health``, ``GET /metrics`` (Prometheus), ``GET /v1/models``,
+``GET /v1/models/{id}`` (with the model's lineage) and ``POST /v1/completions`` (one JSON
+answer, or server-sent events with ``"stream": true``). Each model is an
+:class:`openllm.runtime.OnnxGenerator` run by a :class:`openllm.batching.Scheduler`, so
+concurrent requests share decode steps and a seed gives what ``openllm generate`` writes.
 
 Choices worth knowing:
 
-- A request is checked before any work, cheapest first: content type, body size (the
-  Content-Length header, then the bytes actually read), UTF-8, JSON (NaN and Infinity are
-  refused: they are not JSON), the fields (:class:`CompletionRequest`: strict types, unknown
-  fields refused, as OpenAI does), then the limits of params.yaml's ``serve`` section. Every
-  error has OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``; an invalid
-  request gets 400 with the field in ``param``.
-- Generation is CPU-bound, so it runs in worker threads and the event loop keeps answering
-  (``/health`` works during a long generation). At most ``serve.max_concurrent`` generations
-  run at once; one more is answered 429 at once instead of waiting in a queue.
-- A generation stops when its client disconnects, or when ``serve.request_timeout_seconds`` is
-  up: that request gets 504 (code ``generation_timeout``), or, once a stream has begun, an
-  error event, which the ``openai`` package raises as ``openai.APIError``.
-- No CORS headers (web pages of other sites cannot call it), no authentication, and it listens
-  on 127.0.0.1 unless told otherwise.
+- Requests are checked before any work (:mod:`openllm.api`, then :func:`plan` against the
+  limits of params.yaml's ``serve`` section and the model's context); a prompt that does not
+  fit in the context with ``max_tokens`` is refused, never silently cut.
+- Waiting requests queue up to ``serve.max_queued``; one more is answered 429 at once. A
+  request stops when its client disconnects, or when ``serve.request_timeout_seconds`` is up
+  (504, or an error event once a stream has begun).
+- With an API key in the environment variable ``serve.api_key_env``, the ``/v1`` endpoints
+  need ``Authorization: Bearer <key>``; a host beyond loopback needs a key unless
+  ``serve.allow_unauthenticated``. No CORS headers: web pages of other sites cannot call it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hmac
 import json
 import logging
-import threading
+import os
+import re
 import time
 import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, AsyncGenerator, Callable, Iterator, Mapping, Sequence
+from typing import Any, AsyncIterator, Mapping, Sequence
 
 import anyio
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect
-from starlette.types import Receive, Scope, Send
 
+from .api import APIError, ClientGone, CompletionRequest, read_request, short_repr, timeout_error
+from .batching import QueueFull, Scheduler, Ticket
 from .config import EXPORT_DIR, ServeConfig
-from .runtime import CONFIG_FILE, REGISTRY_PREFIX, GenerationError, GenerationResult, ModelLoadError, OnnxGenerator
-from .sampling import Sampling
+from .decode import Row, log_softmax
+from .errors import OpenLLMError
+from .runtime import CONFIG_FILE, REGISTRY_PREFIX, GenerationError, ModelLoadError, OnnxGenerator
+from .server_ops import Metrics, lineage
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
-MAX_STOP = 4  # stop strings per request, OpenAI's limit
 DONE = "data: [DONE]\n\n"  # the last server-sent event of a stream
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 # --- models ----------------------------------------------------------------------------
@@ -69,13 +70,18 @@ def model_id(spec: str) -> str:
 
 
 def find_exports(export_dir: Path = EXPORT_DIR) -> list[Path]:
-    """Every export folder below ``export_dir``, in step order (step-800 before step-1600, unlike a name sort)."""
+    """Every finished export folder below ``export_dir``, in step order (step-800 before step-1600).
+
+    Hidden folders are skipped: an export being written (or killed midway) lives in
+    ``.step-N.tmp-*`` and has not passed the check against PyTorch.
+    """
 
     def order(folder: Path) -> tuple[int, str]:
         step = folder.name.removeprefix("step-")
         return (int(step) if step.isdigit() else -1, folder.name)
 
-    return sorted((p for p in export_dir.glob("*") if (p / CONFIG_FILE).is_file()), key=order)
+    folders = (p for p in export_dir.glob("*") if not p.name.startswith(".") and (p / CONFIG_FILE).is_file())
+    return sorted(folders, key=order)
 
 
 def load_models(
@@ -96,295 +102,81 @@ def load_models(
     return models
 
 
-# --- errors ----------------------------------------------------------------------------
-
-
-class APIError(Exception):
-    """An error answered in OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``."""
-
-    def __init__(
-        self, status: int, message: str, param: str | None = None, code: str | None = None,
-        kind: str = "invalid_request_error", headers: Mapping[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
-        self.headers = dict(headers or {})
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
-
-
-class ClientGone(Exception):
-    """The client disconnected, so its generation was stopped."""
-
-
-def timeout_error(seconds: float) -> APIError:
-    # x-should-retry tells the openai package not to retry: the same request would time out again.
-    return APIError(
-        504, f"the generation took longer than {seconds:g} s (serve.request_timeout_seconds) and was stopped; "
-        "ask for fewer tokens (max_tokens) or fewer completions (n)",
-        code="generation_timeout", kind="timeout_error", headers={"x-should-retry": "false"},
-    )
-
-
-def _short_repr(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def validation_error(exc: ValidationError) -> APIError:
-    """pydantic's errors as one 400 whose ``param`` is the first offending field."""
-    messages = []
-    for error in exc.errors():
-        path = ".".join(str(p) for p in error["loc"])
-        if error["type"] == "missing":
-            messages.append(f"'{path}' is required")
-        elif error["type"] == "extra_forbidden":
-            messages.append(f"unknown field '{path}' (this server takes: {', '.join(CompletionRequest.model_fields)})")
-        else:
-            messages.append(f"{path}={_short_repr(error.get('input'))}: {error['msg'].removeprefix('Value error, ')}")
-    loc = exc.errors()[0]["loc"]
-    return APIError(400, "; ".join(messages), param=str(loc[0]) if loc else None)
-
-
-# --- the request -----------------------------------------------------------------------
-
-
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    include_usage: bool = False  # one more chunk at the end, with usage and no choices
-
-
-# OpenAI fields this server has no use for: accepted at their neutral value only, because
-# anything else (echo=true, logprobs=5, ...) would be silently wrong.
-NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "echo": (False,), "logprobs": (None,), "best_of": (None, 1), "suffix": (None, ""),
-    "frequency_penalty": (None, 0), "presence_penalty": (None, 0), "logit_bias": (None, {}),
-}
-
-
-class CompletionRequest(BaseModel):
-    """The body of ``POST /v1/completions``: OpenAI's fields, plus ``top_k``.
-
-    Types are strict (``"5"`` is not a number, ``"true"`` not a boolean) and unknown fields are
-    refused, as OpenAI does, so that a misspelt ``max_token`` is an error rather than ignored.
-    Omitted sampling fields take the model's defaults (from the export: params.yaml
-    ``evaluate.sampling``); an omitted ``seed`` means a fresh random one for each request.
-    The limits that depend on the server or the model are checked by :func:`plan`.
-    """
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    model: str = Field(min_length=1)
-    prompt: list[str] = Field(min_length=1)  # a single string becomes a list of one
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)
-    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
-    top_k: int | None = Field(None, ge=0)  # an extension: 0 = off
-    n: int = Field(1, ge=1)
-    stop: list[str] | None = Field(None, max_length=MAX_STOP)
-    seed: int | None = Field(None, ge=0, lt=2**63)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    user: str | None = None  # accepted and ignored: there are no accounts
-    echo: bool = False
-    logprobs: int | None = None
-    best_of: int | None = None
-    suffix: str | None = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
-
-    @field_validator("prompt", "stop", mode="before")
-    @classmethod
-    def _one_or_many(cls, value: Any, info: ValidationInfo) -> Any:
-        if isinstance(value, str):
-            return [value]
-        if isinstance(value, list) and all(isinstance(v, str) for v in value):
-            return value
-        if value is None and info.field_name == "stop":
-            return None
-        # Lists of token ids (which OpenAI also takes) are not supported.
-        raise ValueError("must be a string or a list of strings")
-
-    @field_validator("prompt", "stop")
-    @classmethod
-    def _no_empty_strings(cls, value: list[str] | None) -> list[str] | None:
-        if value and not all(value):
-            raise ValueError("must not contain empty strings")
-        return value
-
-    @field_validator(*NEUTRAL)
-    @classmethod
-    def _neutral_only(cls, value: Any, info: ValidationInfo) -> Any:
-        if value not in NEUTRAL[info.field_name]:
-            raise ValueError("is not supported by this server (leave it out)")
-        return value
+# --- checking a request against the model and the limits --------------------------------
 
 
 @dataclass
 class Job:
-    """The checked work of one request: one entry of ``prompts`` per choice."""
+    """The checked work of one request: one row per choice (prompt i's n choices, then prompt i + 1's)."""
 
+    model: str
     generator: OnnxGenerator
-    prompts: list[str]  # prompt i of the request, n times, then prompt i + 1 ...
+    prompts: list[list[int]]  # token ids of each prompt
+    prompt_texts: list[str]
+    rows: list[Row]  # empty when max_tokens is 0 (echo only)
     n: int
-    sampling: Sampling
-    stop: list[str]
-    timeout: float  # seconds allowed (serve.request_timeout_seconds)
-    deadline: float  # time.monotonic() after which generation stops
+    echo: bool
+    logprobs: int | None
+    timeout: float
 
-    def choice(self, index: int) -> tuple[Iterator[str], list[GenerationResult]]:
-        """The text pieces of one choice, and the list that receives its result at the end."""
-        # Choice i is sampled with seed + i, as the prompts of a batch are in the runtime.
-        seed = None if self.sampling.seed is None else self.sampling.seed + index
-        results: list[GenerationResult] = []
-        pieces = self.generator.stream(self.prompts[index], replace(self.sampling, seed=seed), self.stop, results)
-        return pieces, results
+    def prompt_of(self, choice: int) -> int:
+        return choice // self.n
 
 
-def plan(body: CompletionRequest, generator: OnnxGenerator, limits: ServeConfig) -> Job:
+def plan(body: CompletionRequest, generator: OnnxGenerator, limits: ServeConfig,
+         blocked: re.Pattern[str] | None) -> Job:
     """Check the limits that depend on the server and the model; raise 400 :class:`APIError`."""
     if body.n > limits.max_n:
         raise APIError(400, f"n={body.n}: at most {limits.max_n} completions per prompt (serve.max_n)", "n")
     if len(body.prompt) > limits.max_prompts:
         raise APIError(400, f"{len(body.prompt)} prompts: at most {limits.max_prompts} per request "
                             "(serve.max_prompts)", "prompt")
+    if body.stream and (body.echo or body.logprobs is not None):
+        raise APIError(400, "echo and logprobs are not supported with stream=true", "stream")
     max_tokens = DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
-    most = min(limits.max_tokens, generator.context_length - 1)
+    context = generator.context_length
+    most = min(limits.max_tokens, context - 1)
     if max_tokens > most:
         raise APIError(400, f"max_tokens={max_tokens}: at most {most} (serve.max_tokens={limits.max_tokens}; "
-                            f"the model's context is {generator.context_length} tokens)", "max_tokens")
-    for prompt in body.prompt:
-        count = len(generator.encode(prompt))
-        if count > limits.max_prompt_tokens:
-            raise APIError(400, f"the prompt is {count} tokens long: at most {limits.max_prompt_tokens} "
+                            f"the model's context is {context} tokens)", "max_tokens")
+    prompts = [generator.encode(prompt) for prompt in body.prompt]
+    for text, ids in zip(body.prompt, prompts):
+        if len(ids) > limits.max_prompt_tokens:
+            raise APIError(400, f"the prompt is {len(ids)} tokens long: at most {limits.max_prompt_tokens} "
                                 "(serve.max_prompt_tokens)", "prompt")
-        if count == 0:
-            raise APIError(400, f"the prompt {_short_repr(prompt)} has no tokens", "prompt")
-    try:
-        sampling = generator.sampling(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-                                      max_new_tokens=max_tokens)
-    except GenerationError as exc:
-        raise APIError(400, str(exc)) from None
-    return Job(
-        generator=generator,
-        prompts=[prompt for prompt in body.prompt for _ in range(body.n)],
-        n=body.n,
-        sampling=replace(sampling, seed=body.seed),  # no seed: a random one, as OpenAI does
-        stop=body.stop or [],
-        timeout=limits.request_timeout_seconds,
-        deadline=time.monotonic() + limits.request_timeout_seconds,
-    )
+        if not ids:
+            raise APIError(400, f"the prompt {short_repr(text)} has no tokens", "prompt")
+        if len(ids) + max(max_tokens, 1) > context:  # refused rather than cut: a cut prompt changes the answer
+            raise APIError(400, f"the model's context is {context} tokens, but {len(ids)} in the prompt + "
+                                f"{max_tokens} max_tokens ask for {len(ids) + max_tokens}: shorten the prompt "
+                                "or lower max_tokens", "prompt", code="context_length_exceeded")
+    rows = []
+    if max_tokens > 0:
+        try:
+            sampling = generator.sampling(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+                                          max_new_tokens=max_tokens)
+        except GenerationError as exc:
+            raise APIError(400, str(exc)) from None
+        for choice in range(len(prompts) * body.n):  # choice i draws with seed + i; no seed: a random one each
+            seed = None if body.seed is None else body.seed + choice
+            rows.append(generator.new_row(prompts[choice // body.n], replace(sampling, seed=seed), body.stop or [],
+                                          blocked, body.logprobs))
+    return Job(model=body.model, generator=generator, prompts=prompts, prompt_texts=body.prompt, rows=rows,
+               n=body.n, echo=body.echo, logprobs=body.logprobs, timeout=limits.request_timeout_seconds)
 
 
-async def read_request(request: Request, max_bytes: int) -> CompletionRequest:
-    """The validated body, or a 4xx :class:`APIError` that says what is wrong with it."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type != "application/json":
-        raise APIError(415, f"send the body as JSON with 'Content-Type: application/json' (got {content_type!r})",
-                       code="unsupported_media_type")
-    too_large = APIError(413, f"the request body is larger than {max_bytes} bytes (serve.max_body_bytes)",
-                         code="request_too_large")
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > max_bytes:  # refused before reading anything
-        raise too_large
-    data = bytearray()
-    try:
-        async for chunk in request.stream():  # the header may be absent (chunked) or wrong
-            data += chunk
-            if len(data) > max_bytes:
-                raise too_large
-    except ClientDisconnect:
-        raise ClientGone() from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise APIError(400, f"the request body is not valid UTF-8 (byte {exc.start})") from None
-    try:
-        # Python's json reads NaN and Infinity, which are not JSON (and not numbers one can sample with).
-        raw = json.loads(text, parse_constant=_refuse_constant)
-    except json.JSONDecodeError as exc:
-        raise APIError(400, f"the request body is not valid JSON ({exc.msg} at line {exc.lineno}, "
-                            f"column {exc.colno})") from None
-    except (ValueError, RecursionError) as exc:
-        raise APIError(400, f"the request body is not valid JSON ({exc})") from None
-    if not isinstance(raw, dict):
-        raise APIError(400, f"the request body must be a JSON object, got {type(raw).__name__}")
-    try:
-        return CompletionRequest.model_validate(raw)
-    except ValidationError as exc:
-        raise validation_error(exc) from None
+# --- answers ---------------------------------------------------------------------------
 
 
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON value")
+def _usage(job: Job) -> dict[str, int]:
+    # A prompt is read once however many completions it gets, so it is counted once.
+    prompt = sum(len(ids) for ids in job.prompts)
+    completion = sum(len(row.tokens) for row in job.rows)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-# --- generation ------------------------------------------------------------------------
-
-
-class Slots:
-    """At most ``size`` generations at once; :meth:`take` never waits."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._free = threading.BoundedSemaphore(size)
-        self.busy = 0
-
-    def take(self) -> Callable[[], None]:
-        """Reserve a slot and return the function that frees it; 429 if none is free."""
-        if not self._free.acquire(blocking=False):
-            raise APIError(
-                429, f"the server is busy: {self.size} generations are running (serve.max_concurrent); retry shortly",
-                code="too_many_concurrent_requests", kind="rate_limit_error", headers={"retry-after": "1"},
-            )
-        self.busy += 1
-        released = False
-
-        def release() -> None:
-            nonlocal released
-            if not released:
-                released = True
-                self.busy -= 1
-                self._free.release()
-
-        return release
-
-
-def run_choices(job: Job, cancelled: threading.Event) -> list[GenerationResult]:
-    """Generate every choice of ``job`` (in a worker thread), checking between text pieces
-    whether the client has gone or the time is up."""
-    out: list[GenerationResult] = []
-    for index in range(len(job.prompts)):
-        pieces, results = job.choice(index)
-        for _ in pieces:
-            if cancelled.is_set():
-                raise ClientGone()
-            if time.monotonic() > job.deadline:
-                raise timeout_error(job.timeout)
-        out.extend(results)
-    return out
-
-
-async def generate(request: Request, job: Job) -> list[GenerationResult]:
-    """:func:`run_choices` in a worker thread, stopped if the client disconnects meanwhile."""
-    cancelled = threading.Event()
-
-    async def watch() -> None:
-        while not await request.is_disconnected():
-            await asyncio.sleep(0.1)
-        cancelled.set()
-
-    watcher = asyncio.create_task(watch())
-    try:
-        return await anyio.to_thread.run_sync(run_choices, job, cancelled)
-    finally:
-        watcher.cancel()
+def _choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None = None) -> dict[str, Any]:
+    return {"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
 def _event(data: dict[str, Any]) -> str:
@@ -392,83 +184,168 @@ def _event(data: dict[str, Any]) -> str:
     return f"data: {json.dumps(data)}\n\n"
 
 
-def _usage(results: Sequence[GenerationResult], n: int) -> dict[str, int]:
-    # A prompt is read once however many completions it gets, so it is counted once.
-    prompt = sum(r.prompt_tokens for r in results[::n])
-    completion = sum(r.completion_tokens for r in results)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+def prompt_logprobs(generator: OnnxGenerator, ids: list[int], top: int) -> list[tuple[int, float | None, list]]:
+    """(token, log-probability given the tokens before it, top alternatives) for each prompt token."""
+    tokens = np.asarray([ids], np.int64)
+    logits, _ = generator.forward(tokens, np.ones_like(tokens), np.arange(len(ids))[None], None)
+    logprobs = log_softmax(logits[0, :-1])  # position t predicts token t + 1
+    out: list[tuple[int, float | None, list]] = [(ids[0], None, [])]
+    for t in range(1, len(ids)):
+        row = logprobs[t - 1]
+        best = np.argsort(-row, kind="stable")[:top]
+        out.append((ids[t], float(row[ids[t]]), [(int(k), float(row[k])) for k in best]))
+    return out
 
 
-def _choice(index: int, text: str, finish_reason: str | None) -> dict[str, Any]:
-    return {"text": text, "index": index, "logprobs": None, "finish_reason": finish_reason}
+def _logprobs_field(generator: OnnxGenerator, entries: list[tuple[int, float | None, list]]) -> dict[str, Any]:
+    """OpenAI's completions ``logprobs``: tokens, token_logprobs, top_logprobs, text_offset."""
+    tokens = [generator.token_text(token) for token, _, _ in entries]
+    offsets, at = [], 0
+    for text in tokens:
+        offsets.append(at)
+        at += len(text)
+    tops = [None if lp is None else {generator.token_text(k): v for k, v in top} for _, lp, top in entries]
+    return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in entries], "top_logprobs": tops,
+            "text_offset": offsets}
 
 
-async def stream_events(
-    request: Request, job: Job, head: dict[str, Any], include_usage: bool
-) -> AsyncGenerator[str, None]:
-    """The server-sent events of a streamed completion: the choices one after the other.
-
-    Each piece is pulled from the runtime's stream in a worker thread, so the event loop stays
-    free between pieces; the stream stops when the client goes or the time is up.
-    """
-    results: list[GenerationResult] = []
-    for index in range(len(job.prompts)):
-        pieces, result = job.choice(index)
-        try:
-            while True:
-                if time.monotonic() > job.deadline:
-                    yield _event(timeout_error(job.timeout).body())
-                    yield DONE
-                    return
-                piece = await anyio.to_thread.run_sync(next, pieces, None)
-                if piece is None:
-                    break
-                if await request.is_disconnected():
-                    return  # nobody is reading: stop generating
-                yield _event({**head, "choices": [_choice(index, piece, None)]})
-        except GenerationError as exc:  # should not happen: plan() checked the request
-            yield _event(APIError(400, str(exc)).body())
-            yield DONE
-            return
-        finally:
-            pieces.close()
-        results += result
-        yield _event({**head, "choices": [_choice(index, "", result[0].finish_reason)]})
-    if include_usage:
-        yield _event({**head, "choices": [], "usage": _usage(results, job.n)})
-    yield DONE
+async def _answer(job: Job) -> list[dict[str, Any]]:
+    """The choices of a finished non-streamed job (prompt log-probabilities computed here)."""
+    choices = []
+    rows = job.rows or [None] * (len(job.prompts) * job.n)
+    for index, row in enumerate(rows):
+        prompt = job.prompt_of(index)
+        text = row.text.text if row else ""
+        entries: list = []
+        if job.echo:
+            text = job.prompt_texts[prompt] + text
+            if job.logprobs is not None:
+                entries = await anyio.to_thread.run_sync(prompt_logprobs, job.generator, job.prompts[prompt],
+                                                         job.logprobs)
+        if row and job.logprobs is not None:
+            entries += [(e.token, e.logprob, e.top) for e in row.logprobs[: len(row.tokens)]]
+        logprobs = _logprobs_field(job.generator, entries) if job.logprobs is not None else None
+        choices.append(_choice(index, text, row.finish if row else "length", logprobs))
+    return choices
 
 
-class SlotStreamingResponse(StreamingResponse):
-    """A streamed response that frees its generation slot when it ends, however it ends
-    (finished, client gone, server stopping), and only once no worker thread is running."""
+async def run_ticket(request: Request, scheduler: Scheduler, job: Job) -> Ticket:
+    """Queue the job's rows and wait for them, cancelling them if the client disconnects."""
+    ticket = submit(scheduler, job)
 
-    def __init__(self, content: AsyncGenerator[str, None], release: Callable[[], None]) -> None:
+    async def watch() -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(0.1)
+        ticket.cancel()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        while (event := await ticket.events.get())[0] != "done":
+            pass
+    finally:
+        watcher.cancel()
+        ticket.cancel()
+    _raise_for(ticket.outcome, job)
+    return ticket
+
+
+def submit(scheduler: Scheduler, job: Job) -> Ticket:
+    ticket = Ticket(job.rows, time.monotonic() + job.timeout, asyncio.get_running_loop())
+    try:
+        scheduler.submit(ticket)
+    except QueueFull:
+        raise APIError(
+            429, f"the server is busy: {scheduler.max_queued} requests are already waiting for {job.model} "
+            "(serve.max_queued); retry shortly", code="queue_full", kind="rate_limit_error",
+            headers={"retry-after": "1"},
+        ) from None
+    return ticket
+
+
+def _raise_for(outcome: str | None, job: Job) -> None:
+    if outcome == "timeout":
+        raise timeout_error(job.timeout)
+    if outcome == "cancelled":
+        raise ClientGone()
+    if outcome == "error":
+        raise APIError(500, "the generation failed (see the server log)", kind="server_error")
+
+
+async def stream_events(request: Request, scheduler: Scheduler, job: Job, head: dict[str, Any],
+                        include_usage: bool, metrics: Metrics) -> AsyncIterator[str]:
+    """Server-sent events of a streamed completion: pieces of all choices as they come."""
+    started = time.perf_counter()
+    ticket = submit(scheduler, job)
+    try:
+        while True:
+            kind, value, piece = await ticket.events.get()
+            if await request.is_disconnected():
+                return  # nobody is reading: the finally clause stops the generation
+            if kind == "piece":
+                yield _event({**head, "choices": [_choice(value, piece, None)]})
+            elif kind == "end":
+                yield _event({**head, "choices": [_choice(value, "", job.rows[value].finish)]})
+            else:
+                break
+        if ticket.outcome == "ok":
+            metrics.observe(job, time.perf_counter() - started)
+            if include_usage:
+                yield _event({**head, "choices": [], "usage": _usage(job)})
+        elif ticket.outcome == "timeout":
+            yield _event(timeout_error(job.timeout).body())
+        elif ticket.outcome == "error":
+            yield _event(APIError(500, "the generation failed", kind="server_error").body())
+        yield DONE
+    finally:
+        ticket.cancel()
+
+
+class TicketStreamingResponse(StreamingResponse):
+    """A streamed response that stops its generation when it ends, however it ends."""
+
+    def __init__(self, content: AsyncIterator[str]) -> None:
         super().__init__(content, media_type="text/event-stream", headers={"cache-control": "no-cache"})
-        self.release = release
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
             with anyio.CancelScope(shield=True):
-                await self.body_iterator.aclose()  # closes the runtime's stream if it was left open
-            self.release()
+                await self.body_iterator.aclose()  # runs stream_events' finally: the ticket is cancelled
 
 
 # --- the application -------------------------------------------------------------------
 
 
-def create_app(models: Mapping[str, OnnxGenerator], limits: ServeConfig | None = None) -> FastAPI:
-    """The FastAPI application serving ``models`` (id -> generator) within ``limits``."""
-    limits = limits or ServeConfig()
-    slots = Slots(limits.max_concurrent)
-    loaded_at = int(time.time())
-    # No /docs or /openapi.json: the API is OpenAI's, documented there and in the README.
-    app = FastAPI(title="OpenLLM", docs_url=None, redoc_url=None, openapi_url=None)
+def create_app(models: Mapping[str, OnnxGenerator], limits: ServeConfig | None = None,
+               api_key: str | None = None) -> FastAPI:
+    """The FastAPI application serving ``models`` (id -> generator) within ``limits``.
 
-    def model_card(name: str) -> dict[str, Any]:
-        return {"id": name, "object": "model", "created": loaded_at, "owned_by": "openllm"}
+    ``api_key``: the bearer token the ``/v1`` endpoints require (None or empty: none).
+    """
+    limits = limits or ServeConfig()
+    schedulers = {name: Scheduler(generator, limits.batch_size, limits.max_queued) for name, generator in models.items()}
+    metrics = Metrics(schedulers)
+    blocked = re.compile("|".join(f"(?:{p})" for p in limits.output_filter), re.IGNORECASE) if limits.output_filter else None
+    loaded_at = int(time.time())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        for scheduler in schedulers.values():
+            scheduler.close()
+
+    # No /docs or /openapi.json: the API is OpenAI's, documented there and in the README.
+    app = FastAPI(title="OpenLLM", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+
+    def authorize(request: Request) -> None:
+        if not api_key:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+            raise APIError(401, "a missing or wrong API key: send the header 'Authorization: Bearer <key>' "
+                                f"with the key the server reads from ${limits.api_key_env}",
+                           code="invalid_api_key", headers={"www-authenticate": "Bearer"})
 
     def find_model(name: str) -> OnnxGenerator:
         if name not in models:
@@ -476,41 +353,60 @@ def create_app(models: Mapping[str, OnnxGenerator], limits: ServeConfig | None =
                            param="model", code="model_not_found")
         return models[name]
 
+    def model_card(name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": loaded_at, "owned_by": "openllm"}
+
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "models": list(models), "generations": slots.busy, "max_concurrent": slots.size}
+        return {"status": "ok", "models": list(models), "generations": sum(s.running for s in schedulers.values()),
+                "queued": sum(s.queued for s in schedulers.values()), "batch_size": limits.batch_size,
+                "max_queued": limits.max_queued}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=metrics.content_type)
 
     @app.get("/v1/models")
-    async def list_models() -> dict[str, Any]:
+    async def list_models(request: Request) -> dict[str, Any]:
+        authorize(request)
         return {"object": "list", "data": [model_card(name) for name in models]}
 
     @app.get("/v1/models/{name:path}")  # registry ids contain slashes
-    async def get_model(name: str) -> dict[str, Any]:
-        find_model(name)
-        return model_card(name)
+    async def get_model(name: str, request: Request) -> dict[str, Any]:
+        authorize(request)
+        return {**model_card(name), "lineage": lineage(find_model(name))}
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        body = await read_request(request, limits.max_body_bytes)
-        job = plan(body, find_model(body.model), limits)
-        release = slots.take()
+        authorize(request)
+        body = await read_request(request, limits.max_body_bytes, limits.client_timeout_seconds)
+        job = plan(body, find_model(body.model), limits, blocked)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": body.model}
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
-            return SlotStreamingResponse(stream_events(request, job, head, include_usage), release)
-        try:
-            results = await generate(request, job)
-        finally:
-            release()
-        choices = [_choice(i, r.text, r.finish_reason) for i, r in enumerate(results)]
-        return JSONResponse({**head, "choices": choices, "usage": _usage(results, job.n)})
+            events = stream_events(request, schedulers[body.model], job, head, include_usage, metrics)
+            first = await anext(events)  # a full queue is a 429 here, before the stream begins
+            return TicketStreamingResponse(_prepend(first, events))
+        started = time.perf_counter()
+        if job.rows:
+            await run_ticket(request, schedulers[body.model], job)
+        choices = await _answer(job)
+        metrics.observe(job, time.perf_counter() - started)
+        return JSONResponse({**head, "choices": choices, "usage": _usage(job)})
 
+    metrics.install(app)
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(ClientGone, _client_gone)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected_error)
     return app
+
+
+async def _prepend(first: str, rest: AsyncIterator[str]) -> AsyncIterator[str]:
+    yield first
+    async for item in rest:
+        yield item
 
 
 async def _api_error(request: Request, exc: Exception) -> Response:
@@ -540,14 +436,41 @@ async def _unexpected_error(request: Request, exc: Exception) -> Response:
     return APIError(500, f"internal server error ({type(exc).__name__})", kind="server_error").response()
 
 
-def serve(specs: Sequence[str], limits: ServeConfig, quantized: bool = False) -> None:
-    """Load the models and serve them until interrupted (``openllm serve``)."""
+def api_key_for(limits: ServeConfig) -> str | None:
+    """The API key from ``$serve.api_key_env``; refuses to expose a server without one unless waived."""
+    key = os.environ.get(limits.api_key_env) or None
+    if key is None and limits.host not in LOOPBACK and not limits.allow_unauthenticated:
+        raise OpenLLMError(
+            f"serve.host={limits.host} lets other machines in, but ${limits.api_key_env} (serve.api_key_env) holds "
+            "no API key: set one, or set serve.allow_unauthenticated: true to serve without authentication"
+        )
+    return key
+
+
+def uvicorn_config(app: FastAPI, limits: ServeConfig, **options: Any) -> Any:
+    """uvicorn's settings with the HTTP-layer limits of ``limits`` (see the README's table)."""
     import uvicorn  # only here: the library does not need it
 
+    from .server_ops import SlowClientProtocol
+
+    class Protocol(SlowClientProtocol):
+        header_timeout = limits.client_timeout_seconds
+
+    return uvicorn.Config(
+        app, host=limits.host, port=limits.port, http=Protocol, limit_concurrency=limits.max_connections,
+        timeout_keep_alive=max(1, round(limits.client_timeout_seconds)),
+        h11_max_incomplete_event_size=limits.max_header_bytes, **options,
+    )
+
+
+def serve(specs: Sequence[str], limits: ServeConfig, quantized: bool = False) -> None:
+    """Load the models and serve them until interrupted (``openllm serve``)."""
+    import uvicorn
+
+    api_key = api_key_for(limits)
     models = load_models(specs, quantized=quantized)
     for name, generator in models.items():
         log.info("serving %s (%s, context %d tokens)", name, generator.source, generator.context_length)
-    if limits.host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("listening on %s: anyone who can reach this machine can use the server (no authentication)",
-                    limits.host)
-    uvicorn.run(create_app(models, limits), host=limits.host, port=limits.port, log_level="info")
+    if api_key is None and limits.host not in LOOPBACK:
+        log.warning("listening on %s without an API key: anyone who can reach this machine can use it", limits.host)
+    uvicorn.Server(uvicorn_config(create_app(models, limits, api_key), limits, log_level="info")).run()
