@@ -25,9 +25,9 @@ import urllib.request
 from pathlib import Path
 
 from ops import postgres
+from ops.processes import stop_group
 
 HEALTH_TIMEOUT_SECONDS = 120  # the first start creates MLflow's tables (about 20 s on 2 cores)
-STOP_GRACE_SECONDS = 15
 
 
 def server_command(host: str, port: int, workers: int, artifacts_destination: str, extra: list[str]) -> list[str]:
@@ -51,23 +51,6 @@ def wait_healthy(url: str, process: subprocess.Popen, timeout: float = HEALTH_TI
             pass
         time.sleep(0.5)
     raise RuntimeError(f"mlflow server did not answer {url}/health within {timeout:.0f} s")
-
-
-def stop_group(process: subprocess.Popen, grace: float = STOP_GRACE_SECONDS) -> None:
-    """SIGTERM the process group a session leader heads, then SIGKILL what is left after ``grace``."""
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            break
-        try:
-            process.wait(timeout=wait)
-            os.killpg(process.pid, 0)  # the leader is gone; are its workers?
-        except subprocess.TimeoutExpired:
-            continue
-        except ProcessLookupError:
-            break
-        time.sleep(0.5)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
