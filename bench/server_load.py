@@ -1,22 +1,27 @@
-"""Load test of ``openllm serve``: concurrent OpenAI clients, latency, tokens/s and memory.
+"""Load test of ``openllm serve``: concurrent OpenAI clients, latency, tokens/s, memory, the queue.
 
     python bench/server_load.py --model models/export/step-2400 --out bench-server.json
+    python bench/server_load.py --model bench/.work/export/step-0 --baseline-ref 62bf446
     python bench/server_load.py --url http://127.0.0.1:8000 --model step-2400 --pid 12345
 
 Without ``--url`` it starts ``openllm serve --model MODEL`` on a free port of 127.0.0.1 itself
-(with params.yaml's ``serve`` section, ``max_concurrent`` raised to ``--clients``) and stops it
-at the end; with ``--url`` it uses a running server, whose process id ``--pid`` lets it read
-the memory. ``--clients`` threads, each with its own ``openai.OpenAI`` client,
-send ``--requests`` non-streaming completions one after the other (``--max-tokens`` new
-tokens, a different seed each). After a short warm-up (which is not measured) it reports:
+(with params.yaml's ``serve`` section, ``batch_size`` set to ``--clients``) and stops it at the
+end; with ``--url`` it uses a running server, whose process id ``--pid`` lets it read the
+memory. ``--clients`` threads, each with its own ``openai.OpenAI`` client, send ``--requests``
+non-streaming completions one after the other (``--max-tokens`` new tokens, a different seed
+each). After a short warm-up (which is not measured) it reports:
 
 - latency percentiles p50 / p95 / max of whole requests, as clients see them;
 - tokens/s: completion tokens of all clients / wall time (throughput, not per request);
 - the server's resident memory (RSS) before and after the measured requests: steady growth
-  over a few hundred requests would mean a leak.
+  over a few hundred requests would mean a leak;
+- ``overload``: ``--overload-clients`` clients without retries, each sending ``--requests``
+  requests, against the server with its default ``serve`` limits: how many get 429.
 
-Any failed request counts as an error (with ``max_retries=0``, a 429 is an error too: the
-server's ``serve.max_concurrent`` should be at least ``--clients``).
+``--baseline-ref REF`` runs the same measurements, in the same run, against the server of git
+commit REF too (its ``src/`` and params.yaml, e.g. the thread-per-request server before
+cross-request batching, where ``serve.max_concurrent`` is raised to ``--clients``), and reports
+the ratios.
 """
 
 from __future__ import annotations
@@ -89,7 +94,7 @@ def run_load(
     wall = time.perf_counter() - started
     result: dict[str, Any] = {
         "clients": clients, "requests": len(latencies) + len(errors), "errors": len(errors),
-        "first_errors": errors[:5], "max_tokens": max_tokens, "wall_seconds": wall,
+        "first_errors": errors[:5], "all_errors": errors, "max_tokens": max_tokens, "wall_seconds": wall,
         "completion_tokens": tokens, "tokens_per_second": tokens / wall, "requests_per_second": len(latencies) / wall,
     }
     if latencies:
@@ -104,6 +109,7 @@ def measure(base_url: str, model: str, pid: int | None = None, warmup: int = 2, 
              max_tokens=load.get("max_tokens", 16))
     before = rss_mb(pid) if pid else None
     result = run_load(base_url, model, **load)
+    result.pop("all_errors")
     if pid:
         after = rss_mb(pid)
         result.update(rss_before_mb=before, rss_after_mb=after, rss_growth_mb=after - before)
@@ -131,13 +137,18 @@ def wait_until_healthy(base_url: str, process: subprocess.Popen | None = None, t
     raise RuntimeError(f"{base_url} did not become healthy in {timeout:g} s")
 
 
-def start_server(models: list[str], port: int, log: Path, cwd: str | Path = ".", params: str = "params.yaml"):
-    """``openllm serve`` in a subprocess (output in ``log``); returns (process, base URL) once healthy."""
+def start_server(models: list[str], port: int, log: Path, cwd: str | Path = ".", params: str = "params.yaml",
+                 source: Path | None = None):
+    """``openllm serve`` in a subprocess (output in ``log``); returns (process, base URL) once healthy.
+
+    ``source``: a folder holding another version's ``src/openllm`` to run instead of this one.
+    """
     command = [sys.executable, "-m", "openllm", "--params", params, "serve", "--port", str(port)]
     for model in models:
         command += ["--model", model]
+    env = dict(os.environ, PYTHONPATH=str(Path(source) / "src")) if source else None
     with open(log, "wb") as out:
-        process = subprocess.Popen(command, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=env)
     base_url = f"http://127.0.0.1:{port}"
     try:
         wait_until_healthy(base_url, process)
@@ -156,6 +167,51 @@ def stop_server(process: subprocess.Popen) -> None:
         process.wait()
 
 
+def checkout(ref: str, folder: Path) -> Path:
+    """``src/`` and params.yaml of git commit ``ref``, extracted into ``folder``."""
+    archive = subprocess.run(["git", "archive", ref, "src", "params.yaml"], check=True, capture_output=True).stdout
+    folder.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+    return folder
+
+
+def write_serve_params(source: Path, out: Path, **serve: Any) -> Path:
+    """``source``'s params.yaml with ``serve`` keys changed, written to ``out``."""
+    params = yaml.safe_load(source.read_text(encoding="utf-8"))
+    params.setdefault("serve", {}).update(serve)
+    out.write_text(yaml.safe_dump(params), encoding="utf-8")
+    return out
+
+
+def count_429(base_url: str, model: str, clients: int, requests_per_client: int, max_tokens: int) -> dict[str, int]:
+    """Clients without retries, all at once: requests that got 429, of all requests sent."""
+    result = run_load(base_url, model, clients=clients, requests_per_client=requests_per_client, max_tokens=max_tokens)
+    refused = sum("RateLimitError" in e for e in result.pop("all_errors"))
+    return {"clients": clients, "requests": result["requests"], "rate_limited": refused,
+            "other_errors": result["errors"] - refused}
+
+
+def bench_server(model: str, params: Path, log: Path, args: argparse.Namespace, source: Path | None,
+                 speed_limits: dict[str, Any], default_limits: dict[str, Any]) -> dict[str, Any]:
+    """Speed (limits raised so every client generates) and overload (default limits) of one server version."""
+    result: dict[str, Any] = {}
+    for name, limits in (("speed", speed_limits), ("overload", default_limits)):
+        settings = write_serve_params(params, log.with_name(f"{log.stem}-{name}.yaml"), **limits)
+        process, base_url = start_server([model], free_port(), log, params=str(settings), source=source)
+        try:
+            model_name = httpx.get(f"{base_url}/v1/models").json()["data"][0]["id"]
+            if name == "speed":
+                load = dict(clients=args.clients, requests_per_client=args.requests, max_tokens=args.max_tokens,
+                            prompt=args.prompt)
+                result.update(measure(base_url, model_name, process.pid, **load))
+            else:
+                result["overload"] = count_429(base_url, model_name, args.overload_clients, args.requests,
+                                               args.max_tokens)
+        finally:
+            stop_server(process)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="export folder or models:/ URI; with --url: a model id")
@@ -165,6 +221,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=25, help="requests per client")
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--prompt", default="ROMEO:\n")
+    parser.add_argument("--overload-clients", type=int, default=16, help="clients of the overload measurement")
+    parser.add_argument("--baseline-ref", help="also measure the server of this git commit, in the same run")
     parser.add_argument("--params", default="params.yaml", help="without --url: the server's parameters")
     parser.add_argument("--out", type=Path, default=Path("bench-server.json"))
     args = parser.parse_args()
@@ -174,30 +232,41 @@ def main() -> None:
         result = measure(args.url.rstrip("/"), args.model, args.pid, **load)
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            # Every client may generate at once: this measures speed, not the 429 of a full server.
-            params = yaml.safe_load(Path(args.params).read_text(encoding="utf-8"))
-            params.setdefault("serve", {})["max_concurrent"] = args.clients
-            params_file = Path(tmp) / "params.yaml"
-            params_file.write_text(yaml.safe_dump(params), encoding="utf-8")
-            process, base_url = start_server([args.model], free_port(), args.out.with_suffix(".log"),
-                                             params=str(params_file))
-            try:
-                name = httpx.get(f"{base_url}/v1/models").json()["data"][0]["id"]
-                result = measure(base_url, name, process.pid, **load)
-            finally:
-                stop_server(process)
+            log = args.out.with_suffix(".log")
+            result = bench_server(args.model, Path(args.params), log, args, None,
+                                  {"batch_size": args.clients}, {})
+            if args.baseline_ref:
+                source = checkout(args.baseline_ref, Path(tmp) / "baseline")
+                baseline = bench_server(args.model, source / "params.yaml", log, args, source,
+                                        {"max_concurrent": args.clients}, {})
+                result["baseline"] = {"ref": args.baseline_ref, **baseline}
+                result["tokens_per_second_vs_baseline"] = result["tokens_per_second"] / baseline["tokens_per_second"]
+                result["p95_vs_baseline"] = result["p95_ms"] / baseline["p95_ms"]
     result.update(model=args.model, cpu_count=os.cpu_count())
-
-    print(f"{result['requests']} requests from {result['clients']} clients, {args.max_tokens} max tokens: "
-          f"{result['errors']} errors")
-    if "p50_ms" in result:
-        print(f"latency p50 {result['p50_ms']:.0f} ms, p95 {result['p95_ms']:.0f} ms, max {result['max_ms']:.0f} ms; "
-              f"{result['tokens_per_second']:.0f} tokens/s, {result['requests_per_second']:.1f} requests/s")
-    if "rss_before_mb" in result:
-        print(f"server RSS {result['rss_before_mb']:.1f} MiB before, {result['rss_after_mb']:.1f} MiB after "
-              f"({result['rss_growth_mb']:+.1f} MiB)")
+    report(result, args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def report(result: dict[str, Any], args: argparse.Namespace) -> None:
+    for name, r in (("this server", result), (f"baseline {args.baseline_ref}", result.get("baseline"))):
+        if not r:
+            continue
+        print(f"{name}: {r['requests']} requests from {r['clients']} clients, {args.max_tokens} max tokens: "
+              f"{r['errors']} errors")
+        if "p50_ms" in r:
+            print(f"  latency p50 {r['p50_ms']:.0f} ms, p95 {r['p95_ms']:.0f} ms, max {r['max_ms']:.0f} ms; "
+                  f"{r['tokens_per_second']:.0f} tokens/s, {r['requests_per_second']:.1f} requests/s")
+        if "rss_before_mb" in r:
+            print(f"  server RSS {r['rss_before_mb']:.1f} MiB before, {r['rss_after_mb']:.1f} MiB after "
+                  f"({r['rss_growth_mb']:+.1f} MiB)")
+        if "overload" in r:
+            o = r["overload"]
+            print(f"  overload, default limits: {o['rate_limited']} of {o['requests']} requests from "
+                  f"{o['clients']} clients got 429")
+    if "tokens_per_second_vs_baseline" in result:
+        print(f"tokens/s {result['tokens_per_second_vs_baseline']:.2f}x the baseline; "
+              f"p95 latency {result['p95_vs_baseline']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .sampling import Sampling, sample_next
+from .sampling import Sampling, draw, token_probabilities
 
 Forward = Callable[[np.ndarray, np.ndarray, np.ndarray, Any], tuple[np.ndarray, Any]]
 
@@ -249,10 +249,7 @@ class DecodeBatch:
 
     def step(self) -> None:
         """Choose every row's next token; finished rows leave; one model call for the others."""
-        tokens = np.full((len(self.rows), 1), self.eos_id or 0, np.int64)
-        for i, row in enumerate(self.rows):
-            if row.finish is None:  # a cancelled row just leaves
-                tokens[i, 0] = self._choose(row, self._logits[i])
+        tokens = self._choose()
         keep = [i for i, row in enumerate(self.rows) if row.finish is None]
         if len(keep) < len(self.rows):
             self._keep(keep)
@@ -269,15 +266,33 @@ class DecodeBatch:
             self.step()
         return list(rows)
 
-    def _choose(self, row: Row, logits: np.ndarray) -> int:
-        token = int(sample_next(logits[None], row.sampling, row.rng)[0])
-        if row.top_logprobs is not None:
-            logprobs = log_softmax(logits)
-            top = np.argsort(-logprobs, kind="stable")[: row.top_logprobs]
-            row.logprobs.append(TokenLogprob(token, float(logprobs[token]),
-                                             [(int(t), float(logprobs[t])) for t in top]))
-        row._push(token, self.eos_id)
-        return token
+    def _choose(self) -> np.ndarray:
+        """Every unfinished row's next token (B, 1); rows with equal settings share the arithmetic."""
+        tokens = np.full((len(self.rows), 1), self.eos_id or 0, np.int64)
+        groups: dict[tuple[float, int, float], list[int]] = {}
+        for i, row in enumerate(self.rows):
+            if row.finish is None:  # a cancelled row just leaves
+                groups.setdefault((row.sampling.temperature, row.sampling.top_k, row.sampling.top_p), []).append(i)
+        for members in groups.values():
+            logits = self._logits[members]
+            sampling = self.rows[members[0]].sampling
+            if sampling.temperature == 0:
+                tokens[members, 0] = logits.argmax(axis=-1)
+            else:  # each row draws from its own generator
+                uniforms = np.concatenate([self.rows[i].rng.random((1, 1)) for i in members])
+                tokens[members, 0] = draw(token_probabilities(logits, sampling), uniforms)
+        for i in (i for members in groups.values() for i in members):
+            row = self.rows[i]
+            if row.top_logprobs is not None:
+                self._record_logprobs(row, self._logits[i], int(tokens[i, 0]))
+            row._push(int(tokens[i, 0]), self.eos_id)
+        return tokens
+
+    @staticmethod
+    def _record_logprobs(row: Row, logits: np.ndarray, token: int) -> None:
+        logprobs = log_softmax(logits)
+        top = np.argsort(-logprobs, kind="stable")[: row.top_logprobs]
+        row.logprobs.append(TokenLogprob(token, float(logprobs[token]), [(int(t), float(logprobs[t])) for t in top]))
 
     def _keep(self, keep: list[int]) -> None:
         """Only rows ``keep`` stay; cache columns that no remaining row uses are dropped."""

@@ -37,10 +37,19 @@ class Sampling:
 
 def sample_next(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> np.ndarray:
     """Pick one token id per row of ``logits`` (B, V); returns int64 (B,)."""
-    logits = np.asarray(logits, dtype=np.float64)
     if sampling.temperature == 0:
-        return logits.argmax(axis=-1).astype(np.int64)
-    logits = logits / sampling.temperature
+        return np.asarray(logits).argmax(axis=-1).astype(np.int64)
+    probs = token_probabilities(logits, sampling)
+    return draw(probs, rng.random((probs.shape[0], 1)))
+
+
+def token_probabilities(logits: np.ndarray, sampling: Sampling) -> np.ndarray:
+    """The distribution each row of ``logits`` (B, V) is sampled from: temperature, top-k, top-p.
+
+    Rows are independent, so rows with the same settings are computed together (the server's
+    batch) and get the same values as one at a time. ``sampling.temperature`` must be > 0.
+    """
+    logits = np.asarray(logits, dtype=np.float64) / sampling.temperature
     if 0 < sampling.top_k < logits.shape[-1]:
         # Everything below the k-th largest logit of each row is dropped.
         kth = np.partition(logits, -sampling.top_k, axis=-1)[:, -sampling.top_k][:, None]
@@ -56,7 +65,11 @@ def sample_next(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator
         probs = np.zeros_like(probs)
         np.put_along_axis(probs, order, sorted_probs, axis=-1)
         probs /= probs.sum(axis=-1, keepdims=True)
-    # Inverse-CDF draw: one uniform number per row, reproducible from the seed.
-    draws = rng.random((probs.shape[0], 1))
-    ids = (np.cumsum(probs, axis=-1) < draws).sum(axis=-1)
+    return probs
+
+
+def draw(probs: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
+    """Inverse-CDF draw: the token of each row of ``probs`` (B, V) where its cumulative mass
+    passes that row's uniform number in ``uniforms`` (B, 1); int64 (B,)."""
+    ids = (np.cumsum(probs, axis=-1) < uniforms).sum(axis=-1)
     return np.minimum(ids, probs.shape[-1] - 1).astype(np.int64)
