@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
+import re
 import socket
 import sys
 import threading
@@ -36,7 +36,7 @@ from openllm.config import ExportConfig, SamplingConfig, ServeConfig
 from openllm.export import export_checkpoint
 from openllm.runtime import ModelLoadError, OnnxGenerator
 from openllm.decode import log_softmax
-from openllm.server import create_app, find_exports, load_models, model_id, uvicorn_config
+from openllm.server import api_key_for, create_app, find_exports, load_models, model_id, uvicorn_config
 from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(REPO_ROOT / "bench"))
@@ -150,6 +150,7 @@ def test_load_models_names_and_errors(exports: dict[str, Path], tmp_path: Path, 
     for name in ("step-20", "step-10"):
         (export_dir / name).symlink_to(exports[name])
     (export_dir / "notes").mkdir()  # not an export: skipped
+    (export_dir / ".step-30.tmp-x1y2").symlink_to(exports["step-10"])  # what a killed export leaves: never listed
     assert [p.name for p in find_exports(export_dir)] == ["step-10", "step-20"]  # step order
     assert list(load_models(export_dir=export_dir)) == ["step-10", "step-20"]
     assert list(load_models([str(exports["step-20"])])) == ["step-20"]
@@ -502,3 +503,146 @@ def test_registry_ids_work_in_urls_and_requests(generators: dict[str, OnnxGenera
         assert client.models.retrieve("models:/openllm@best").id == "models:/openllm@best"
         response = client.completions.create(model="models:/openllm@best", prompt=PROMPT, max_tokens=3)
         assert response.model == "models:/openllm@best"
+
+
+# --- operators: metrics, authentication, output filter, lineage, HTTP-layer limits -----
+
+
+def metric(text: str, sample_name: str, **labels: str) -> float:
+    """The value of one sample of a Prometheus text exposition, parsed by prometheus_client."""
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == sample_name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    raise AssertionError(f"no sample {sample_name} {labels}")
+
+
+def test_metrics_in_prometheus_text_format(generators: dict[str, OnnxGenerator]) -> None:
+    with live({"step-10": generators["step-10"]}) as url:
+        client = openai_client(url)
+        reply = client.completions.create(model="step-10", prompt=PROMPT, max_tokens=5, seed=1)
+        streamed = list(client.completions.create(model="step-10", prompt="To be", max_tokens=4, seed=2,
+                                                  stream=True, stream_options={"include_usage": True}))
+        with pytest.raises(openai.BadRequestError):
+            client.completions.create(model="step-10", prompt=PROMPT, temperature=3)
+        response = httpx.get(f"{url}/metrics")
+    assert response.headers["content-type"].startswith("text/plain; version=")
+    text = response.text
+    assert metric(text, "openllm_http_requests_total", endpoint="/v1/completions", status="200") == 2
+    assert metric(text, "openllm_http_requests_total", endpoint="/v1/completions", status="400") == 1
+    usage = streamed[-1].usage
+    assert metric(text, "openllm_prompt_tokens_total", model="step-10") == reply.usage.prompt_tokens + usage.prompt_tokens
+    assert metric(text, "openllm_generation_tokens_total", model="step-10") == (
+        reply.usage.completion_tokens + usage.completion_tokens)
+    assert metric(text, "openllm_time_to_first_token_seconds_count", model="step-10") == 2
+    assert metric(text, "openllm_request_latency_seconds_count", model="step-10") == 2
+    assert metric(text, "openllm_request_latency_seconds_bucket", model="step-10", le="+Inf") == 2
+    assert metric(text, "openllm_queue_depth", model="step-10") == 0
+    assert metric(text, "openllm_running_generations", model="step-10") == 0
+
+
+def test_bearer_token_is_required_when_configured(generators: dict[str, OnnxGenerator]) -> None:
+    request = dict(model="step-10", prompt=PROMPT, max_tokens=3)
+    with live({"step-10": generators["step-10"]}, api_key="s3cret-key") as url:
+        with pytest.raises(openai.AuthenticationError, match="OPENLLM_API_KEY"):
+            openai_client(url).completions.create(**request)  # the openai package sends "Bearer unused"
+        with pytest.raises(openai.AuthenticationError):
+            openai_client(url, api_key="s3cret-ke").models.list()
+        raw = httpx.post(f"{url}/v1/completions", json=request)  # no header at all
+        assert raw.status_code == 401 and raw.json()["error"]["code"] == "invalid_api_key"
+        assert raw.headers["www-authenticate"] == "Bearer"
+        assert openai_client(url, api_key="s3cret-key").completions.create(**request).usage.completion_tokens > 0
+        assert httpx.get(f"{url}/health").status_code == 200  # probes and scrapers need no key
+        assert httpx.get(f"{url}/metrics").status_code == 200
+
+
+def test_serving_beyond_loopback_needs_a_key_unless_waived(exports: dict[str, Path], tmp_path: Path,
+                                                           monkeypatch) -> None:
+    params = write_params(tmp_path, {})
+    refused = run_openllm("--params", str(params), "serve", "--host", "0.0.0.0", "--model", str(exports["step-10"]),
+                          cwd=tmp_path, OPENLLM_API_KEY="")
+    lines = refused.stderr.strip().splitlines()
+    assert refused.returncode == 2 and len(lines) == 1 and "$OPENLLM_API_KEY" in lines[0], refused.stderr
+    monkeypatch.delenv("OPENLLM_API_KEY", raising=False)
+    assert api_key_for(ServeConfig(host="0.0.0.0", allow_unauthenticated=True)) is None
+    assert api_key_for(ServeConfig()) is None  # loopback: no key needed
+    monkeypatch.setenv("MY_KEY", "abc")
+    assert api_key_for(ServeConfig(host="0.0.0.0", api_key_env="MY_KEY")) == "abc"
+
+
+def test_output_filter_ends_the_choice_with_content_filter(generators: dict[str, OnnxGenerator]) -> None:
+    generator = generators["step-10"]
+    full = generator.generate(PROMPT, generator.sampling(temperature=1.0, max_new_tokens=24, seed=2)).text
+    word = next(full[i:i + 2] for i in range(3, len(full)) if full[i:i + 2].isalpha())
+    pattern = re.escape(word.swapcase())  # matched without regard to case
+    cut = full[: re.search(pattern, full, re.IGNORECASE).start()]
+    request = dict(model="step-10", prompt=PROMPT, max_tokens=24, temperature=1.0, seed=2)
+    with live({"step-10": generator}, output_filter=[pattern, "never-written-\\d+"]) as url:
+        client = openai_client(url)
+        choice = client.completions.create(**request).choices[0]
+        assert (choice.text, choice.finish_reason) == (cut, "content_filter")
+        chunks = [c.choices[0] for c in client.completions.create(**request, stream=True)]
+        assert "".join(c.text for c in chunks) == cut and chunks[-1].finish_reason == "content_filter"
+        text = httpx.get(f"{url}/metrics").text
+    assert metric(text, "openllm_content_filtered_total", model="step-10") == 2
+
+
+def test_logprobs_are_the_log_softmax_of_the_runtime_logits(client: openai.OpenAI,
+                                                           generators: dict[str, OnnxGenerator]) -> None:
+    generator = generators["step-10"]
+    prompt = generator.encode(PROMPT)
+    reply = client.completions.create(model="step-10", prompt=PROMPT, max_tokens=6, temperature=0, logprobs=3)
+    written = generator.generate_tokens([prompt], generator.sampling(temperature=0, max_new_tokens=6))[0].token_ids
+    ids = np.asarray([prompt + written])
+    logits, _ = generator.forward(ids, np.ones_like(ids), np.arange(ids.shape[1])[None], None)
+    expected = log_softmax(logits[0])
+    logprobs = reply.choices[0].logprobs
+    want = [expected[len(prompt) - 1 + j, token] for j, token in enumerate(written)]
+    assert np.allclose(logprobs.token_logprobs, want, atol=1e-4)
+    assert logprobs.tokens == [generator.token_text(t) for t in written]
+    for top, chosen in zip(logprobs.top_logprobs, logprobs.token_logprobs):
+        assert len(top) <= 3 and max(top.values()) == pytest.approx(chosen)  # greedy: the most likely one
+
+    echoed = client.completions.create(model="step-10", prompt=PROMPT, max_tokens=0, echo=True, logprobs=1)
+    choice = echoed.choices[0]
+    assert choice.text == PROMPT and echoed.usage.completion_tokens == 0
+    assert choice.logprobs.token_logprobs[0] is None
+    want = [expected[t - 1, prompt[t]] for t in range(1, len(prompt))]
+    assert np.allclose(choice.logprobs.token_logprobs[1:], want, atol=1e-4)
+
+
+def test_model_lineage(http: httpx.Client, generators: dict[str, OnnxGenerator]) -> None:
+    card = http.get("/v1/models/step-20").json()
+    config = generators["step-20"].config
+    lineage = card["lineage"]
+    assert card["id"] == "step-20" and lineage["checkpoint_step"] == 20
+    assert lineage["onnx_sha256"] == config["sha256"]["model.onnx"]
+    assert set(lineage) >= {"git_sha", "data_sha256", "tokenizer_sha256", "params_sha256", "val_bits_per_byte",
+                            "registry_version", "mlflow_run_id"}
+
+
+def raw_socket(url: str) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=5)
+
+
+def test_http_layer_limits(generators: dict[str, OnnxGenerator]) -> None:
+    with live({"step-10": generators["step-10"]}, client_timeout_seconds=0.5, max_header_bytes=1024,
+              max_connections=4) as url:
+        slow = raw_socket(url)  # a client that never finishes its request head is closed
+        slow.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        time.sleep(1.0)
+        assert slow.recv(100) == b""
+        big = raw_socket(url)  # a head that grows past max_header_bytes without ending
+        big.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 2000)
+        assert big.recv(100).startswith(b"HTTP/1.1 400")
+        stalled = raw_socket(url)  # a body that stops arriving: 408 after client_timeout_seconds
+        stalled.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: 100\r\n\r\n{\"model\"")
+        assert stalled.recv(1000).startswith(b"HTTP/1.1 408")
+        idle = [raw_socket(url) for _ in range(4)]  # max_connections: the next request gets 503
+        time.sleep(0.1)
+        assert httpx.get(f"{url}/health").status_code == 503
+        for sock in [slow, big, stalled, *idle]:
+            sock.close()
+        wait_for(lambda: httpx.get(f"{url}/health").status_code == 200, 5)
