@@ -21,14 +21,17 @@ from pathlib import Path
 
 import pydantic
 import torch
-import torch.nn.functional as F
 
 from char_baseline import train_and_score
 from openllm.config import MODEL_PRESETS, TrainConfig
 from openllm.fileio import read_json
 from openllm.model import GPT, GPTConfig
 from openllm.tokenizer import load_tokens
-from openllm.train import WindowSampler, compile_model, learning_rate, resolve_runtime, validation_loss
+from openllm.device import compile_model, resolve_device
+from openllm.optim import build_optimizer
+from openllm.schedule import Schedule
+from openllm.train import train_step
+from openllm.windows import WindowSampler, validation_loss
 
 EVAL_BATCHES, EVAL_BATCH_SIZE = 32, 8  # 256 windows
 
@@ -47,6 +50,8 @@ def main() -> None:
     parser.add_argument("--weight-decay", type=float, default=0.1)
     parser.add_argument("--warmup-steps", type=int, default=50)
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--schedule", choices=["wsd", "cosine"], default="wsd")
+    parser.add_argument("--decay-fraction", type=float, default=0.2, help="wsd: share of the steps spent decaying")
     parser.add_argument("--baseline", action="store_true", help="also train the character-level baseline")
     args = parser.parse_args()
     if args.seconds <= 0:
@@ -57,7 +62,8 @@ def main() -> None:
     try:
         cfg = TrainConfig(learning_rate=args.learning_rate, min_learning_rate=args.learning_rate * args.min_lr_ratio,
                           batch_size=args.batch_size, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
-                          optimizer=args.optimizer, compile="true" if args.compile else "false")
+                          optimizer=args.optimizer, compile="true" if args.compile else "false",
+                          schedule=args.schedule, decay_fraction=args.decay_fraction)
     except pydantic.ValidationError as error:
         parser.error(str(error))
     meta = read_json(args.data / "meta.json")
@@ -68,13 +74,13 @@ def main() -> None:
         config = GPTConfig(vocab_size=meta["vocab_size"], **shape)
     except ValueError as error:
         parser.error(f"model shape: {error}")
-    runtime = resolve_runtime(cfg)
+    runtime = resolve_device(cfg.device, cfg.precision, cfg.compile, cfg.deterministic, distributed=False)
     model = GPT(config).to(runtime.device).train()
-    optimizer = model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), kind=cfg.optimizer)
+    optimizer = build_optimizer(model, cfg.optimizer, cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2))
     sampler, context = WindowSampler(train, config.context_length, seed=1), config.context_length
 
     started, step = time.perf_counter(), 0
-    schedule = cfg.model_copy(update={"max_steps": 10**9})  # the peak rate until the speed is known
+    schedule = Schedule.from_config(cfg.model_copy(update={"max_steps": 10**9}))  # the peak until the speed is known
     forward = model
     if runtime.compile:
         forward = compile_model(model, sampler.batch(torch.tensor([0]), runtime.device)[0], runtime, required=True)
@@ -84,17 +90,9 @@ def main() -> None:
         if step == cfg.warmup_steps + 40:
             per_step = (time.perf_counter() - mark) / 30
             planned = step + int((args.seconds - (time.perf_counter() - started)) / per_step)
-            schedule = cfg.model_copy(update={"max_steps": planned})
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, schedule)
-        x, y = sampler.batch(sampler.next_starts(cfg.batch_size), runtime.device)
-        with runtime.autocast():
-            logits, _ = forward(x, use_cache=False)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+            schedule = Schedule.from_config(cfg.model_copy(update={"max_steps": planned}))
+        batch = sampler.batch(sampler.next_starts(cfg.batch_size), runtime.device)
+        train_step(forward, model, optimizer, [batch], schedule.lr(step), cfg.grad_clip, runtime)
         step += 1
     train_seconds = time.perf_counter() - started
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from openllm.data import iter_documents
+from openllm.fileio import iter_documents
 from openllm.scoring import score_windows
 
 

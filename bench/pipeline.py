@@ -30,7 +30,7 @@ from char_baseline import train_and_score  # noqa: E402
 
 from openllm.config import load_params  # noqa: E402
 from openllm.fileio import write_json  # noqa: E402
-from openllm.report import cpu_name  # noqa: E402
+from openllm.perf import cpu_name  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

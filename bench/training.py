@@ -23,32 +23,31 @@ from openllm.config import MODEL_PRESETS, load_params
 from openllm.fileio import write_json
 from openllm.model import GPT, GPTConfig
 from openllm.perf import mfu, peak_matmul_flops
-from openllm.report import cpu_name
-from openllm.train import resolve_runtime
+from openllm.perf import cpu_name
+from openllm.device import DeviceSetup, resolve_device, set_deterministic
+from openllm.optim import build_optimizer
+from openllm.train import train_step
 
 VOCAB = {"micro": 4096, "tiny": 4096, "small": 32000}
 BATCH = {"micro": 8, "tiny": 8, "small": 4}  # sequences per step: the default for micro and tiny, memory-friendly for small
 
 
 def time_steps(preset: str, precision: str, compiled: bool, steps: int, device: str, batch: int | None = None,
-               optimizer_kind: str = "adamw") -> dict:
+               optimizer_kind: str = "adamw", deterministic: bool = True) -> dict:
+    """Tokens/s of the train stage's own optimizer step (openllm.train.train_step)."""
     torch.manual_seed(0)
+    torch._dynamo.reset()  # each row compiles under its own settings
+    set_deterministic(deterministic)
     config = GPTConfig(vocab_size=VOCAB[preset], **MODEL_PRESETS[preset])
     model = GPT(config).to(device).train()
-    optimizer = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), kind=optimizer_kind)
+    optimizer = build_optimizer(model, optimizer_kind, 1e-3, 0.1, (0.9, 0.95))
     forward = torch.compile(model) if compiled else model
     batch, context = batch or BATCH[preset], config.context_length
     tokens = torch.randint(0, config.vocab_size, (batch, context + 1), device=device)
-    dtype = torch.bfloat16 if precision == "bf16" else None
+    setup = DeviceSetup(torch.device(device), torch.bfloat16 if precision == "bf16" else None, compiled)
 
     def step() -> None:
-        with torch.autocast(device_type=torch.device(device).type, dtype=dtype, enabled=dtype is not None):
-            logits, _ = forward(tokens[:, :-1], use_cache=False)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(forward, model, optimizer, [(tokens[:, :-1], tokens[:, 1:])], 1e-3, 1.0, setup)
 
     started = time.perf_counter()
     for _ in range(2):  # warm-up (and compilation)
@@ -64,6 +63,7 @@ def time_steps(preset: str, precision: str, compiled: bool, steps: int, device: 
     seconds = time.perf_counter() - started
     return {
         "preset": preset, "precision": precision, "compiled": compiled, "optimizer": optimizer_kind,
+        "deterministic": deterministic,
         "parameters": model.num_parameters(),
         "tokens_per_step": batch * context, "tokens_per_second": batch * context * steps / seconds,
         "flops_per_token": model.estimate_flops_per_token(), "warmup_seconds": warmup_seconds,
@@ -83,22 +83,24 @@ def main() -> None:
     print(f"matmul peak on {args.device}: bf16 {peaks['bf16'] / 1e9:,.0f} GFLOP/s, fp32 {peaks['fp32'] / 1e9:,.0f} GFLOP/s")
     # The default training: what `dvc repro` runs with params.yaml as shipped, on this machine.
     params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
-    runtime = resolve_runtime(params.train)
-    default = (params.model.preset, "bf16" if runtime.autocast_dtype == torch.bfloat16 else "fp32",
-               runtime.compile, params.train.optimizer)
-    configs = [(preset, precision, compiled, "adamw") for preset in args.presets
+    setup = resolve_device(params.train.device, params.train.precision, params.train.compile, distributed=False)
+    default = (params.model.preset, setup.precision_name, setup.compile, params.train.optimizer, True)
+    configs = [(preset, precision, compiled, "adamw", True) for preset in args.presets
                for precision in ("fp32", "bf16") for compiled in (False, True)]
+    # the default once more without train.deterministic: what bit-identical reruns cost
     rows = []
-    for config in configs + [default]:
-        preset, precision, compiled, optimizer_kind = config
-        row = time_steps(preset, precision, compiled, args.steps, args.device, optimizer_kind=optimizer_kind)
+    for config in configs + [default, default[:4] + (False,)]:
+        preset, precision, compiled, optimizer_kind, deterministic = config
+        row = time_steps(preset, precision, compiled, args.steps, args.device, optimizer_kind=optimizer_kind,
+                         deterministic=deterministic)
         row["default"] = config == default
         achieved = row["tokens_per_second"] * row["flops_per_token"]
         row |= {"mfu_vs_bf16_peak": mfu(row["tokens_per_second"], row["flops_per_token"], peaks["bf16"]),
                 "mfu_vs_fp32_peak": mfu(row["tokens_per_second"], row["flops_per_token"], peaks["fp32"]),
                 "model_gflops_per_second": achieved / 1e9}
         rows.append(row)
-        print(f"{preset:5} {precision} compiled={compiled!s:5} {optimizer_kind:5} {row['tokens_per_second']:9,.0f} tok/s  "
+        print(f"{preset:5} {precision} compiled={compiled!s:5} {optimizer_kind:5} deterministic={deterministic!s:5} "
+              f"{row['tokens_per_second']:9,.0f} tok/s  "
               f"MFU {row['mfu_vs_bf16_peak']:6.1%} of bf16 peak, {row['mfu_vs_fp32_peak']:6.1%} of fp32 peak")
     result = {"device": args.device, "machine": cpu_name(),
               "threads": torch.get_num_threads(), "torch": torch.__version__,

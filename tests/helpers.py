@@ -28,7 +28,7 @@ TINY_DOCS: dict[str, str] = {
 # Params for running the whole pipeline in seconds: a 1-layer model, 20 steps, two checkpoints,
 # a corpus of `corpus/*.txt` (write_params deep-merges this onto the repository's params.yaml).
 TINY_PIPELINE: dict[str, Any] = {
-    "data": {"source": "files", "files": {"glob": "corpus/*.txt"}},
+    "data": {"source": "files", "folder": "corpus", "files": {"glob": "corpus/*.txt"}},
     "tokenizer": {"vocab_size": 400, "workers": 1},
     "model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "intermediate_size": 64, "context_length": 32},
     "train": {"max_steps": 20, "checkpoint_steps": [10, 20], "batch_size": 4, "eval_interval": 10,

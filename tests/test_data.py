@@ -24,8 +24,11 @@ from openllm.data import (
 
 
 def data_config(**data):
-    """A validated DataConfig, built the way the stage builds it (through Params)."""
-    return parse_params({"data": data}).data
+    """A validated DataConfig, built the way the stage builds it (through Params).
+
+    The tests run in a temporary folder, which is the data folder unless one is given.
+    """
+    return parse_params({"data": {"folder": ".", **data}}).data
 
 
 def read_split(raw: Path, split: str) -> list[str]:

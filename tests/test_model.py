@@ -9,6 +9,7 @@ import torch
 
 from openllm.config import MODEL_PRESETS
 from openllm.model import GPT, GPTConfig, hf_weight_names
+from openllm.optim import build_optimizer
 
 
 def tiny_config(**overrides) -> GPTConfig:
@@ -236,8 +237,8 @@ def test_generate_greedy_matches_full_forward_argmax(model: GPT) -> None:
         model.generate(prompt, max_new_tokens=64)
 
 
-def test_configure_optimizer_groups(model: GPT) -> None:
-    opt = model.configure_optimizer(weight_decay=0.1, learning_rate=1e-3, betas=(0.9, 0.95))
+def test_adamw_groups_decay_matrices_only(model: GPT) -> None:
+    opt = build_optimizer(model, "adamw", learning_rate=1e-3, weight_decay=0.1, betas=(0.9, 0.95))
     assert isinstance(opt, torch.optim.AdamW)
     seen = [p for g in opt.param_groups for p in g["params"]]
     assert len(seen) == len({id(p) for p in seen})  # no tensor twice (tied weight!)
@@ -250,7 +251,7 @@ def test_configure_optimizer_groups(model: GPT) -> None:
 
 
 def test_muon_optimizer_splits_hidden_matrices_from_the_rest(model: GPT) -> None:
-    opt = model.configure_optimizer(weight_decay=0.1, learning_rate=1e-3, betas=(0.9, 0.95), kind="muon")
+    opt = build_optimizer(model, "muon", learning_rate=1e-3, weight_decay=0.1, betas=(0.9, 0.95))
     muon_ids = {id(p) for g in opt.muon.param_groups for p in g["params"]}
     adamw = [p for g in opt.adamw.param_groups for p in g["params"]]
     assert len(adamw) == len({id(p) for p in adamw}) and not muon_ids & {id(p) for p in adamw}

@@ -59,7 +59,7 @@ def dvc_repo(tmp_path, repo_root):
     run("git", "init", "-q")
     run("dvc", "init", "-q")
     write_params(repo, {
-        "data": {"source": "files", "files": {"glob": "corpus/*.txt"}},
+        "data": {"source": "files", "folder": "corpus", "files": {"glob": "corpus/*.txt"}},
         "tokenizer": {"vocab_size": 512, "workers": 1},
     })
     run("git", "add", "-A")

@@ -37,8 +37,15 @@ from safetensors.torch import load_file, safe_open, save_file
 from helpers import REPO_ROOT, snapshot_tree, subprocess_env
 from openllm import checkpoint as ckpt
 from openllm import train as train_mod
+from openllm.paths import EVAL_LOG, STEP_LOG
+from openllm.runlog import STEP_COLUMNS
 from openllm.config import ConfigError, DataConfig, TokenizerConfig, TrainConfig, parse_params
-from openllm.train import TrainingError, WindowSampler, learning_rate, train
+from openllm import device as device_mod
+from openllm.device import DeviceError, DeviceSetup, resolve_device
+from openllm.paths import run_id_path
+from openllm.schedule import Schedule
+from openllm.train import TrainingError, train
+from openllm.windows import DataTooShortError, WindowSampler
 
 TINY_MODEL = dict(n_layer=2, n_head=2, n_embd=32, intermediate_size=64, context_length=32)
 CONTEXT, BATCH = TINY_MODEL["context_length"], 4
@@ -90,7 +97,7 @@ def tokenized(tmp_path_factory) -> Path:
     corpus.mkdir()
     for i, (_, text) in enumerate(documents[:8]):
         (corpus / f"{i:02d}.txt").write_text(text, encoding="utf-8")
-    data.download(DataConfig(source="files", files={"glob": str(corpus / "*.txt")}), root / "raw")
+    data.download(DataConfig(source="files", folder=str(corpus), files={"glob": str(corpus / "*.txt")}), root / "raw")
     tokenizer.tokenize(root / "raw", root / "tokenized", TokenizerConfig(vocab_size=384, workers=1))
     return root / "tokenized"
 
@@ -111,6 +118,9 @@ class Project:
 
     def step(self, n: int) -> Path:
         return ckpt.step_folder(self.ck, n)
+
+    def run_id(self) -> str:
+        return run_id_path(self.ck).read_text().strip()
 
     def write_params(self, **train_overrides: Any) -> None:
         write_params(self.root / "params.yaml", overrides(**train_overrides))
@@ -145,10 +155,14 @@ class Project:
         return proc.returncode, log.read_text(errors="replace")
 
     def steps_log(self) -> list[dict[str, str]]:
-        return read_tsv(self.metrics / train_mod.STEP_LOG)
+        return read_tsv(self.metrics / STEP_LOG)
 
     def evals_log(self) -> list[dict[str, str]]:
-        return read_tsv(self.metrics / train_mod.EVAL_LOG)
+        return read_tsv(self.metrics / EVAL_LOG)
+
+    def weights(self) -> dict[str, str]:
+        """sha256 of every kept folder's weights, by folder name."""
+        return {p.name: sha256(p / ckpt.WEIGHTS) for p in sorted(self.ck.iterdir()) if p.is_dir()}
 
 
 @pytest.fixture(autouse=True)
@@ -246,8 +260,9 @@ def losses(rows: list[dict[str, str]], column: str = "train_loss") -> list[float
 
 def test_learning_rate_warmup_then_cosine_to_min() -> None:
     cfg = TrainConfig(max_steps=100, warmup_steps=10, learning_rate=1e-3, min_learning_rate=1e-4,
-                      checkpoint_steps=[100])
-    lrs = [learning_rate(step, cfg) for step in range(cfg.max_steps + 1)]
+                      checkpoint_steps=[100], schedule="cosine")
+    schedule = Schedule.from_config(cfg)
+    lrs = [schedule.lr(step) for step in range(cfg.max_steps + 1)]
     # linear warmup: update s (0-based) gets peak * (s + 1) / warmup, so the first is not 0
     for s in range(10):
         assert lrs[s] == pytest.approx(1e-3 * (s + 1) / 10, rel=1e-12)
@@ -259,13 +274,29 @@ def test_learning_rate_warmup_then_cosine_to_min() -> None:
     assert lrs[100] == pytest.approx(1e-4, rel=1e-12)
     assert 1e-4 < lrs[99] < 1.01e-4
     after = lrs[10:]
-    assert all(b <= a for a, b in zip(after, after[1:])), "not monotone after warmup"
     assert all(b < a for a, b in zip(after, after[1:])), "the decay stalls"
-    assert learning_rate(250, cfg) == pytest.approx(1e-4)  # continuing past max_steps stays at min
-    no_warmup = TrainConfig(max_steps=10, warmup_steps=0, learning_rate=1e-3, min_learning_rate=0.0,
-                            checkpoint_steps=[10])
-    assert learning_rate(0, no_warmup) == pytest.approx(1e-3)
-    assert learning_rate(10, no_warmup) == pytest.approx(0.0, abs=1e-15)
+    assert schedule.lr(250) == pytest.approx(1e-4)  # continuing past max_steps stays at min
+    # every step depends on max_steps: a longer cosine run shares nothing after warmup
+    longer = Schedule.from_config(cfg.model_copy(update={"max_steps": 200}))
+    assert longer.agrees_with(schedule, 11) and not longer.agrees_with(schedule, 12)
+
+
+def test_wsd_schedule_is_stable_until_its_decay_and_extends() -> None:
+    cfg = TrainConfig(max_steps=100, warmup_steps=10, learning_rate=1e-3, min_learning_rate=1e-4,
+                      checkpoint_steps=[100], schedule="wsd", decay_fraction=0.2)
+    schedule = Schedule.from_config(cfg)
+    assert schedule.decay_start == 80
+    lrs = [schedule.lr(step) for step in range(100)]
+    assert lrs[:10] == [1e-3 * (s + 1) / 10 for s in range(10)]
+    assert lrs[10:80] == [1e-3] * 70  # stable: exactly the peak
+    decay = lrs[80:]
+    assert all(b < a for a, b in zip(decay, decay[1:])) and decay[-1] == pytest.approx(1e-4, rel=1e-12)
+    assert decay[10] == pytest.approx(1e-3 + (11 / 20) * (1e-4 - 1e-3), rel=1e-12)  # linear
+    # a run twice as long gives the same rate to every update before this run's decay start
+    longer = Schedule.from_config(cfg.model_copy(update={"max_steps": 200}))
+    assert longer.decay_start == 160
+    assert longer.agrees_with(schedule, 80) and not longer.agrees_with(schedule, 81)
+    assert Schedule.from_dict(schedule.to_dict()) == schedule
 
 
 def test_window_sampler_is_deterministic_and_resumable() -> None:
@@ -282,7 +313,7 @@ def test_window_sampler_is_deterministic_and_resumable() -> None:
     x, y = a.batch(torch.tensor([0, 100]), torch.device("cpu"))
     assert x.shape == y.shape == (2, 16) and x.dtype == torch.int64
     assert torch.equal(x[:, 1:], y[:, :-1]) and x[1, 0].item() == 100 and y[1, -1].item() == 116
-    with pytest.raises(TrainingError, match="fewer than model.context_length"):
+    with pytest.raises(DataTooShortError, match="fewer than model.context_length"):
         WindowSampler(np.arange(10, dtype=np.uint16), 32, seed=0)
 
 
@@ -290,13 +321,13 @@ def test_window_sampler_is_deterministic_and_resumable() -> None:
 
 
 def test_short_run_writes_verified_checkpoints_and_metrics(project: Project, monkeypatch) -> None:
-    monkeypatch.chdir(REPO_ROOT)  # meta.json's git sha is the repository's HEAD
     params = make_params(max_steps=40, checkpoint_steps=[10, 20, 40], resume_interval=15)
     summary = project.train(monkeypatch, max_steps=40, checkpoint_steps=[10, 20, 40], resume_interval=15)
     data_meta = json.loads((project.tokenized / "meta.json").read_text())
 
     names = sorted(p.name for p in project.ck.iterdir())
-    assert names == ["mlflow_run_id", "resume", "step-10", "step-20", "step-40"]  # no temp folders left
+    # the rolling resume state is gone once training ends; the decay start stays (step 32 of 40)
+    assert names == ["decay-start", "step-10", "step-20", "step-40"]  # no temp folders left
     for step in (10, 20, 40):
         folder = project.step(step)
         assert {p.name for p in folder.iterdir()} == CHECKPOINT_FILES
@@ -305,14 +336,14 @@ def test_short_run_writes_verified_checkpoints_and_metrics(project: Project, mon
         meta = ckpt.read_meta(folder)
         assert meta["step"] == step and meta["tokens_seen"] == step * BATCH * CONTEXT
         assert math.isfinite(meta["train_loss"]) and math.isfinite(meta["val_loss"])
-        assert meta["params_sha256"] == params.section_hash("model", "train")
+        assert meta["params_sha256"] == train_mod.weights_params_hash(params)
         assert meta["threads"] == torch.get_num_threads() and meta["world_size"] == 1
         assert meta["precision"] == "fp32" and meta["early_stopped"] is False
         assert meta["data_sha256"] == data_meta["train"]["sha256"]
         assert meta["tokenizer_sha256"] == data_meta["tokenizer_sha256"]
-        assert meta["mlflow_run_id"] == (project.ck / "mlflow_run_id").read_text().strip()
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True)
-        assert meta["git_sha"] == (head.stdout.strip() if head.returncode == 0 else "unknown")
+        # nothing that differs from run to run: those facts go to MLflow
+        assert not {"mlflow_run_id", "git_sha", "created"} & set(meta), meta
+        assert meta["learning_rates_sha256"] == Schedule.from_config(params.train).digest(step)
         assert (folder / ckpt.TOKENIZER).read_bytes() == (project.tokenized / "tokenizer.model").read_bytes()
         config = json.loads((folder / ckpt.CONFIG).read_text())
         assert config["vocab_size"] == data_meta["vocab_size"] and config["n_layer"] == 2
@@ -326,23 +357,27 @@ def test_short_run_writes_verified_checkpoints_and_metrics(project: Project, mon
         training_state = ckpt.load_training_state(folder)
         assert training_state["progress"]["step"] == step
         assert training_state["optimizer"]["muon"]["state"] and training_state["optimizer"]["adamw"]["state"]
-    assert ckpt.read_meta(project.ck / "resume")["step"] == 30  # 15 and 30, not the checkpoint steps
+    assert ckpt.read_meta(project.ck / ckpt.DECAY_START)["step"] == 32
     assert not torch.equal(load_file(str(project.step(10) / ckpt.WEIGHTS))["norm.weight"],
                            load_file(str(project.step(40) / ckpt.WEIGHTS))["norm.weight"])
 
     steps = project.steps_log()
     assert [int(r["step"]) for r in steps] == list(range(1, 41))
-    assert list(steps[0]) == train_mod.STEP_COLUMNS
+    assert list(steps[0]) == STEP_COLUMNS
     assert [int(r["tokens_seen"]) for r in steps] == [s * BATCH * CONTEXT for s in range(1, 41)]
     assert losses(steps, "learning_rate") == pytest.approx(
-        [learning_rate(s, params.train) for s in range(40)], rel=1e-5)
+        [Schedule.from_config(params.train).lr(s) for s in range(40)], rel=1e-5)
     assert all(math.isfinite(v) and v > 0 for v in losses(steps) + losses(steps, "grad_norm"))
     evals = project.evals_log()
     assert [int(r["step"]) for r in evals] == [10, 20, 30, 40]
     for row in evals:
         assert float(row["val_perplexity"]) == pytest.approx(math.exp(float(row["val_loss"])), rel=1e-4)
 
-    assert json.loads((project.metrics / "train.json").read_text()) == json.loads(json.dumps(summary))
+    timings = {"train_wall_seconds", "train_tokens_per_second"}
+    assert timings <= set(summary) and all(summary[k] > 0 for k in timings)
+    written = json.loads((project.metrics / "train.json").read_text())
+    assert written == json.loads(json.dumps({k: v for k, v in summary.items() if k not in timings}))
+    assert written["machine"]["threads"] == torch.get_num_threads() and written["machine"]["torch"]
     assert summary["steps"] == 40 and summary["tokens_seen"] == 40 * BATCH * CONTEXT
     assert summary["early_stopped"] is False and summary["world_size"] == 1
     assert summary["val_loss"] == pytest.approx(float(evals[-1]["val_loss"]), rel=1e-5)
@@ -415,34 +450,45 @@ def test_resume_after_sigkill_and_sigterm_is_bit_exact(tmp_path: Path, tokenized
 # --------------------------------------------------------------------------- 4. continuing
 
 
-def test_raising_max_steps_continues_from_last_checkpoint(project: Project, monkeypatch, train_log) -> None:
-    project.train(monkeypatch, max_steps=20, checkpoint_steps=[10, 20])
-    before = {s: snapshot_tree(project.step(s)) for s in (10, 20)}
-    rows_before = (project.metrics / train_mod.STEP_LOG).read_text().splitlines()
+def test_extended_run_equals_a_fresh_longer_run(tmp_path: Path, tokenized: Path, monkeypatch, train_log) -> None:
+    """20 steps then 40 leaves exactly what 40 from scratch leaves, weights and logs alike."""
+    extended, fresh = Project(tmp_path / "extended", tokenized), Project(tmp_path / "fresh", tokenized)
+    extended.train(monkeypatch, max_steps=20, checkpoint_steps=[10, 20])
+    step10 = snapshot_tree(extended.step(10))
+    assert ckpt.read_meta(extended.ck / ckpt.DECAY_START)["step"] == 16
     train_log.clear()
+    summary = extended.train(monkeypatch, max_steps=40, checkpoint_steps=[10, 20, 40])
+    # the 20-step run decayed from step 16; a 40-step run is still at its peak there
+    assert resumed_at(train_log.text) == ("decay-start", 16)
+    assert summary["steps"] == 40
+    assert snapshot_tree(extended.step(10)) == step10, "a reusable checkpoint was rewritten"
+    fresh.train(monkeypatch, max_steps=40, checkpoint_steps=[10, 20, 40])
+    assert extended.weights() == fresh.weights()
+    assert sorted(extended.weights()) == ["decay-start", "step-10", "step-20", "step-40"]
+    for name in extended.weights():
+        assert ckpt.read_meta(extended.ck / name) == ckpt.read_meta(fresh.ck / name), name
+    assert extended.steps_log() == fresh.steps_log() and extended.evals_log() == fresh.evals_log()
+    assert (extended.metrics / "train.json").read_bytes() == (fresh.metrics / "train.json").read_bytes()
 
-    summary = project.train(monkeypatch, max_steps=30, checkpoint_steps=[10, 20, 30])
-    assert resumed_at(train_log.text) == ("step-20", 20)
-    assert "from scratch" not in train_log.text
-    assert summary["steps"] == 30 and summary["tokens_seen"] == 30 * BATCH * CONTEXT
-    rows = (project.metrics / train_mod.STEP_LOG).read_text().splitlines()
-    assert rows[:21] == rows_before  # header + steps 1-20 kept as written (timings included)
-    assert [int(r.split("\t")[0]) for r in rows[1:]] == list(range(1, 31))
-    assert [int(r["step"]) for r in project.evals_log()] == [10, 20, 30]
-    for s in (10, 20):
-        assert snapshot_tree(project.step(s)) == before[s], f"step-{s} was rewritten"
-    assert ckpt.read_meta(project.step(30))["step"] == 30
-    ckpt.verify_checkpoint(project.step(30))
 
-    # a new step below the latest state is made by going back to the checkpoint before it
+def test_new_checkpoint_step_between_others_equals_listing_it_from_the_start(
+        tmp_path: Path, tokenized: Path, monkeypatch, train_log) -> None:
+    later, upfront = Project(tmp_path / "later", tokenized), Project(tmp_path / "upfront", tokenized)
+    later.train(monkeypatch, max_steps=30, checkpoint_steps=[10, 30])
+    kept = {s: snapshot_tree(later.step(s)) for s in (10, 30)}
     train_log.clear()
-    after = {s: snapshot_tree(project.step(s)) for s in (10, 20, 30)}
-    project.train(monkeypatch, max_steps=30, checkpoint_steps=[10, 15, 20, 30])
-    assert resumed_at(train_log.text) == ("step-10", 10)
-    assert ckpt.read_meta(project.step(15))["step"] == 15
-    ckpt.verify_checkpoint(project.step(15))
-    for s in (10, 20, 30):
-        assert snapshot_tree(project.step(s)) == after[s], f"step-{s} was rewritten"
+    later.train(monkeypatch, max_steps=30, checkpoint_steps=[10, 15, 30])
+    assert resumed_at(train_log.text) == ("step-10", 10)  # the latest state before step 15
+    for s in (10, 30):
+        assert snapshot_tree(later.step(s)) == kept[s], f"step-{s} was rewritten"
+    upfront.train(monkeypatch, max_steps=30, checkpoint_steps=[10, 15, 30])
+    assert later.weights() == upfront.weights()
+    assert {p.name: p.read_bytes() for p in sorted(later.step(15).iterdir())} == \
+        {p.name: p.read_bytes() for p in sorted(upfront.step(15).iterdir())}
+
+    # dropping a step removes its folder when training ends (nothing to train: all reusable)
+    later.train(monkeypatch, max_steps=30, checkpoint_steps=[10, 30])
+    assert sorted(later.weights()) == ["decay-start", "step-10", "step-30"]
 
 
 # --------------------------------------------------------------------------- 5. corrupt checkpoints
@@ -454,7 +500,6 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(project: Project, monk
     step10 = snapshot_tree(project.step(10))
     weights = project.step(20) / ckpt.WEIGHTS
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    shutil.rmtree(project.ck / ckpt.RESUME)
     # a folder left without its COMPLETE marker (and without meta.json), e.g. by a copy cut short
     partial = project.step(30)
     partial.mkdir()
@@ -470,29 +515,29 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(project: Project, monk
     train_log.clear()
     summary = project.train(monkeypatch)
     text = train_log.text
-    assert re.search(r"skipping .*step-30: incomplete checkpoint", text), text
-    assert re.search(r"skipping .*step-20: model\.safetensors is corrupt", text), text
-    assert resumed_at(text) == ("step-10", 10), text
+    assert re.search(r"not reusing .*step-20: model\.safetensors is corrupt", text), text
+    assert resumed_at(text) == ("decay-start", 16), text  # the latest good state before step 20
     assert "from scratch" not in text
     assert summary["steps"] == 20
     assert snapshot_tree(project.step(10)) == step10
     # the corrupt checkpoint is made again, identical to the one that was damaged
-    assert re.search(r"replacing .*step-20: model\.safetensors is corrupt", text), text
     ckpt.verify_checkpoint(project.step(20))
     assert sha256(project.step(20) / ckpt.WEIGHTS) == good_weights
-    assert partial.is_dir() and not (partial / ckpt.COMPLETE).exists()  # left alone, never used
+    assert not partial.exists()  # not a listed step: removed when training ended
 
 
 def test_resume_folder_without_complete_marker_is_ignored(project: Project, monkeypatch, train_log) -> None:
     project.train(monkeypatch, max_steps=20, checkpoint_steps=[10], resume_interval=3)
+    assert not (project.ck / ckpt.RESUME).exists()  # removed when training ended
+    # a rolling state cut short (as a kill during its write could leave it, before the rename)
     resume = project.ck / ckpt.RESUME
-    assert ckpt.read_meta(resume)["step"] == 18  # newer than step-10
+    shutil.copytree(project.ck / ckpt.DECAY_START, resume)
     (resume / ckpt.COMPLETE).unlink()
     train_log.clear()
     project.train(monkeypatch, max_steps=30, checkpoint_steps=[10, 30], resume_interval=3)
-    assert re.search(r"skipping .*resume: incomplete checkpoint \(no COMPLETE marker\)", train_log.text)
-    assert resumed_at(train_log.text) == ("step-10", 10)
-    ckpt.verify_checkpoint(resume)  # replaced by a complete state as training went on
+    assert re.search(r"not reusing .*resume: incomplete checkpoint \(no COMPLETE marker\)", train_log.text)
+    assert resumed_at(train_log.text) == ("decay-start", 16)
+    assert not resume.exists()
 
 
 # --------------------------------------------------------------------------- 6. changed params
@@ -501,29 +546,31 @@ def test_resume_folder_without_complete_marker_is_ignored(project: Project, monk
 def test_changed_training_param_trains_from_scratch(project: Project, monkeypatch, train_log) -> None:
     project.train(monkeypatch, learning_rate=3e-3)
     old_meta, old_weights = ckpt.read_meta(project.step(20)), sha256(project.step(20) / ckpt.WEIGHTS)
-    old_run = (project.ck / "mlflow_run_id").read_text()
+    old_run = project.run_id()
     train_log.clear()
 
     summary = project.train(monkeypatch, learning_rate=2e-3)
-    assert re.search(r"params or data changed since .*checkpoints was written: training from scratch",
+    assert re.search(r"no state in .*checkpoints matches these params and data: training from scratch",
                      train_log.text)
     assert resumed_at(train_log.text) is None
     assert summary["steps"] == 20
     new_params = make_params(learning_rate=2e-3)
     for step in (10, 20):
         meta = ckpt.read_meta(project.step(step))
-        assert meta["params_sha256"] == new_params.section_hash("model", "train") != old_meta["params_sha256"]
+        assert meta["params_sha256"] == train_mod.weights_params_hash(new_params)
+        assert meta["learning_rates_sha256"] != old_meta["learning_rates_sha256"]
         ckpt.verify_checkpoint(project.step(step))
     assert sha256(project.step(20) / ckpt.WEIGHTS) != old_weights
     steps = project.steps_log()
     assert [int(r["step"]) for r in steps] == list(range(1, 21))
     assert float(steps[2]["learning_rate"]) == pytest.approx(2e-3)  # the whole log is the new run's
-    assert (project.ck / "mlflow_run_id").read_text() != old_run  # and so is the MLflow run
+    assert project.run_id() != old_run  # and so is the MLflow run
 
-    # a changed non-training param (max_steps, eval_interval...) is no reason to start again
+    # settings that do not shape the weights (eval_interval, ...) are no reason to start again;
+    # a longer run continues from this one's decay start (steps 16 to 19 decayed here)
     train_log.clear()
     project.train(monkeypatch, learning_rate=2e-3, eval_interval=5, max_steps=25, checkpoint_steps=[10, 20, 25])
-    assert resumed_at(train_log.text) == ("step-20", 20)
+    assert resumed_at(train_log.text) == ("decay-start", 16)
 
 
 # --------------------------------------------------------------------------- 7. non-finite loss
@@ -542,8 +589,8 @@ def poison(folder: Path, tensor: str = "norm.weight") -> None:
 
 def test_nonfinite_loss_stops_training_and_keeps_checkpoints(project: Project, monkeypatch, train_log) -> None:
     project.train(monkeypatch)
-    poison(project.step(20))  # a resumed state whose weights give NaN at the next step
-    ckpt.verify_checkpoint(project.step(20))
+    poison(project.ck / ckpt.DECAY_START)  # the state a longer run resumes from gives NaN next
+    ckpt.verify_checkpoint(project.ck / ckpt.DECAY_START)
     before = snapshot_tree(project.ck)
 
     # the CLI: exit status 2, one line naming the step, nothing written or removed
@@ -552,24 +599,21 @@ def test_nonfinite_loss_stops_training_and_keeps_checkpoints(project: Project, m
     assert rc == 2, out
     assert "Traceback" not in out
     assert error_lines(out) == [
-        f"error: non-finite loss at step 21 (1 in a row; train.max_nonfinite_batches=0); the last good "
+        f"error: non-finite loss at step 17 (1 in a row; train.max_nonfinite_batches=0); the last good "
         f"checkpoint in models/checkpoints is kept. Try a lower train.learning_rate."]
-    assert resumed_at(out) == ("step-20", 20)
-    after = snapshot_tree(project.ck)
-    after.pop("mlflow_run_id")
-    before.pop("mlflow_run_id")
-    assert after == before
+    assert resumed_at(out) == ("decay-start", 16)
+    assert snapshot_tree(project.ck) == before
     assert not project.step(30).exists()
 
     # skipping: two non-finite batches in a row are skipped (no update), the third stops it
     train_log.clear()
-    with pytest.raises(TrainingError, match=r"non-finite loss at step 23 \(3 in a row; train.max_nonfinite_batches=2\)"):
+    with pytest.raises(TrainingError, match=r"non-finite loss at step 19 \(3 in a row; train.max_nonfinite_batches=2\)"):
         project.train(monkeypatch, max_steps=30, checkpoint_steps=[10, 20, 30], max_nonfinite_batches=2)
     skipped = [r.getMessage() for r in train_log.records if "batch skipped" in r.getMessage()]
-    assert [m.split(":")[0] for m in skipped] == ["step 21", "step 22", "step 23"]
+    assert [m.split(":")[0] for m in skipped] == ["step 17", "step 18", "step 19"]
     rows = project.steps_log()
-    assert [int(r["step"]) for r in rows] == list(range(1, 23))  # 21 and 22 logged as skipped
-    assert all(math.isnan(float(r["train_loss"])) and math.isnan(float(r["grad_norm"])) for r in rows[20:])
+    assert [int(r["step"]) for r in rows] == list(range(1, 19))  # 17 and 18 logged as skipped
+    assert all(math.isnan(float(r["train_loss"])) and math.isnan(float(r["grad_norm"])) for r in rows[16:])
     assert snapshot_tree(project.step(20)) == {k.removeprefix("step-20/"): v for k, v in before.items()
                                                if k.startswith("step-20/")}
     assert not project.step(30).exists()
@@ -642,7 +686,7 @@ def test_ddp_two_processes_match_one_process(tmp_path: Path, tokenized: Path) ->
         torch.testing.assert_close(wa[name], wb[name], rtol=1e-3, atol=5e-4)
 
     # only rank 0 wrote: one set of checkpoints, one summary line, one MLflow run
-    assert sorted(p.name for p in ddp.ck.iterdir()) == ["mlflow_run_id", "resume", "step-10", "step-20"]
+    assert sorted(p.name for p in ddp.ck.iterdir()) == ["decay-start", "step-10", "step-20"]
     for step in (10, 20):
         meta = ckpt.read_meta(ddp.step(step))
         assert meta["world_size"] == 2 and meta["resume_key"].endswith(":world2")
@@ -652,7 +696,7 @@ def test_ddp_two_processes_match_one_process(tmp_path: Path, tokenized: Path) ->
     with sqlite3.connect(ddp.root / "mlflow.db") as db:
         runs = db.execute("SELECT run_uuid FROM runs").fetchall()
         tags = dict(db.execute("SELECT key, value FROM tags WHERE run_uuid = ?", runs[0]).fetchall())
-    assert len(runs) == 1 and runs[0][0] == (ddp.ck / "mlflow_run_id").read_text().strip()
+    assert len(runs) == 1 and runs[0][0] == ddp.run_id()
     assert tags["world_size"] == "2"
 
 
@@ -670,13 +714,13 @@ def test_mlflow_run_params_metrics_tags_and_samples(project: Project, monkeypatc
     assert len(runs) == 1
     run = runs[0]
     run_id = run.info.run_id
-    assert (project.ck / "mlflow_run_id").read_text().strip() == run_id
+    assert project.run_id() == run_id
     assert run.info.status == "FINISHED"
     assert run.data.params["train.max_steps"] == "20"
     assert run.data.params["train.learning_rate"] == "0.003"
     assert run.data.params["model.n_embd"] == "32"
-    assert run.data.params["mlflow.experiment"] == EXPERIMENT
-    assert not any(k.startswith(("serve.", "pipeline.")) for k in run.data.params)
+    assert run.data.params["train.schedule"] == "wsd" and run.data.params["data.source"] == "shakespeare"
+    assert not any(k.startswith(("serve.", "pipeline.", "app.")) for k in run.data.params)
     for name in ("train_loss", "val_loss", "learning_rate", "tokens_per_second", "grad_norm"):
         history = client.get_metric_history(run_id, name)
         assert sorted(m.step for m in history) == [10, 20], name
@@ -699,11 +743,13 @@ def test_mlflow_run_params_metrics_tags_and_samples(project: Project, monkeypatc
     project.train(monkeypatch, max_steps=30, checkpoint_steps=[10, 20, 30])
     runs = client.search_runs([experiment.experiment_id])
     assert [r.info.run_id for r in runs] == [run_id]
-    assert sorted(m.step for m in client.get_metric_history(run_id, "train_loss")) == [10, 20, 30]
-    assert sorted(m.step for m in client.get_metric_history(run_id, "val_loss")) == [10, 20, 30]
+    # steps 17-20 were trained again (the longer run is still at its peak there): logged again
+    assert sorted(m.step for m in client.get_metric_history(run_id, "train_loss")) == [10, 20, 20, 30]
+    assert sorted(m.step for m in client.get_metric_history(run_id, "val_loss")) == [10, 20, 20, 30]
     assert "samples/step-30.md" in {a.path for a in client.list_artifacts(run_id, "samples")}
     assert client.get_run(run_id).info.status == "FINISHED"
-    assert ckpt.read_meta(project.step(30))["mlflow_run_id"] == run_id
+    assert project.run_id() == run_id
+    assert client.get_metric_history(run_id, "train_wall_seconds")[0].value > 0  # timings: MLflow only
 
 
 # --------------------------------------------------------------------------- 11. bad input
@@ -725,8 +771,8 @@ def test_cli_without_tokenized_data_fails_with_one_line(tmp_path: Path) -> None:
 
 def test_batch_size_must_divide_over_processes(project: Project, monkeypatch) -> None:
     # world size 3 without starting 3 processes: the check runs before any process-group call
-    monkeypatch.setattr(train_mod, "resolve_runtime",
-                        lambda cfg: train_mod.Runtime(torch.device("cpu"), None, False, rank=0, world_size=3))
+    monkeypatch.setattr(train_mod, "resolve_device",
+                        lambda *args, **kwargs: DeviceSetup(torch.device("cpu"), None, False, rank=0, world_size=3))
     with pytest.raises(TrainingError, match=r"train.batch_size=4 must be a multiple of processes \(3\) x "
                                             r"train.gradient_accumulation_steps \(1\)"):
         project.train(monkeypatch)
@@ -750,11 +796,11 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path: Path, tokenized: 
 
 def test_compile_auto_needs_a_cpp_compiler_on_cpu(monkeypatch) -> None:
     monkeypatch.setenv("CXX", "/nonexistent/c++")
-    assert train_mod.resolve_runtime(TrainConfig(device="cpu", compile="auto")).compile is False
+    assert resolve_device("cpu", compile="auto").compile is False
     monkeypatch.delenv("CXX")
     found = shutil.which("g++") is not None
-    assert train_mod.resolve_runtime(TrainConfig(device="cpu", compile="auto")).compile is found
-    assert train_mod.resolve_runtime(TrainConfig(device="cpu", compile="false")).compile is False
+    assert resolve_device("cpu", compile="auto").compile is found
+    assert resolve_device("cpu", compile="false").compile is False
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on CPU needs g++")
@@ -774,12 +820,12 @@ def test_failed_compile_falls_back_under_auto_and_stops_when_required(project: P
     import torch._inductor.config as inductor_config
 
     monkeypatch.setattr(inductor_config.cpp, "cxx", ("/nonexistent/c++",))  # inductor's compiler search fails
-    monkeypatch.setattr(train_mod, "cpp_compiler_available", lambda: True)  # while `auto` believes it works
+    monkeypatch.setattr(device_mod, "cpp_compiler_available", lambda: True)  # while `auto` believes it works
     # No kernels built by an earlier test may be reused: a fresh cache, and shapes of their own.
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(project.root / "inductor-cache"))
     monkeypatch.setattr(inductor_config, "fx_graph_cache", False)
     run = dict(max_steps=4, checkpoint_steps=[4], batch_size=3)
-    with pytest.raises(TrainingError, match="train.compile=true but torch.compile failed"):
+    with pytest.raises(DeviceError, match="train.compile=true but torch.compile failed"):
         project.train(monkeypatch, **run, compile="true")
     torch._dynamo.reset()
     summary = project.train(monkeypatch, **run, compile="auto")
@@ -796,3 +842,15 @@ def test_both_optimizers_learn_and_resume_from_their_own_state(project: Project,
     assert (set(state) == {"muon", "adamw"}) is (kind == "muon")
     project.train(monkeypatch, optimizer=kind, max_steps=20, checkpoint_steps=[10, 20])  # continues
     assert [r["step"] for r in project.steps_log()] == [str(s) for s in range(1, 21)]
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on CPU needs g++")
+def test_compiled_runs_are_bit_identical(tmp_path: Path, tokenized: Path, monkeypatch) -> None:
+    """train.deterministic (the default) makes compiled training repeatable on one machine."""
+    a, b = Project(tmp_path / "a", tokenized), Project(tmp_path / "b", tokenized)
+    run = dict(max_steps=8, checkpoint_steps=[4, 8], compile="true", precision="bf16")
+    assert a.train(monkeypatch, **run)["compiled"] is True
+    torch._dynamo.reset()
+    b.train(monkeypatch, **run)
+    assert a.weights() == b.weights()
+    assert a.steps_log() == b.steps_log()

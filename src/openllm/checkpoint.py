@@ -5,7 +5,9 @@ A checkpoint is one folder (``models/checkpoints/step-400``) holding:
 - ``model.safetensors`` — the weights (tied embedding stored once);
 - ``config.json`` — the :class:`~openllm.model.GPTConfig`;
 - ``tokenizer.model`` — the SentencePiece model it was trained with;
-- ``meta.json`` — step, tokens seen, losses, git sha, params hash, thread count, ...;
+- ``meta.json`` — a :class:`CheckpointMeta`: step, tokens seen, losses, hashes of the params,
+  data and tokenizer, the learning-rate schedule, thread count, ... (nothing that differs from
+  run to run, so two runs leave the same bytes);
 - ``training_state.safetensors`` + ``training_state.json`` — optimizer, RNG and data-sampler
   state, so that training resumes exactly (tensors in safetensors, the rest in JSON);
 - ``COMPLETE`` — written last: the sha256 of every other file. A folder without it, or whose
@@ -15,33 +17,64 @@ A checkpoint is one folder (``models/checkpoints/step-400``) holding:
 from __future__ import annotations
 
 import json
-import re
 import shutil
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file, save_model
 from safetensors.torch import load_model as load_safetensors_into
 
 from .errors import OpenLLMError
 from .fileio import atomic_dir, read_json, sha256_file
 from .model import GPT, GPTConfig
+from .paths import parse_step, step_folder  # noqa: F401  (step_folder: re-exported for callers)
 
 WEIGHTS, CONFIG, META, TOKENIZER = "model.safetensors", "config.json", "meta.json", "tokenizer.model"
 STATE_TENSORS, STATE_JSON, COMPLETE = "training_state.safetensors", "training_state.json", "COMPLETE"
-RESUME = "resume"  # the rolling resumable state, replaced as training goes on
-_STEP_FOLDER = re.compile(r"^step-(\d+)$")
+RESUME = "resume"  # the rolling resumable state while training runs (removed when it ends)
+DECAY_START = "decay-start"  # the state where the learning rate starts to decay (see schedule.py)
 
 
 class CheckpointError(OpenLLMError, ValueError):
     """A checkpoint folder is missing, incomplete or corrupt."""
 
 
-def step_folder(checkpoints_dir: Path, step: int) -> Path:
-    """The folder of the checkpoint kept at ``step`` (names equal DVC's foreach items)."""
-    return Path(checkpoints_dir) / f"step-{step}"
+@dataclass
+class CheckpointMeta:
+    """What ``meta.json`` records about a checkpoint (typed; written and read only here)."""
+
+    step: int  # optimizer updates made
+    tokens_seen: int
+    train_loss: float
+    val_loss: float
+    parameters: int
+    params_sha256: str  # the params.yaml settings that shape the weights (train.NOT_IN_RESUME_KEY left out)
+    resume_key: str  # what a run must share to continue from this state (train.resume_key)
+    learning_rates_sha256: str  # the rates of updates 1..step (Schedule.digest): how it got here
+    data_sha256: str
+    tokenizer_sha256: str
+    bytes_per_token_val: float
+    threads: int
+    world_size: int
+    precision: str
+    compiled: bool
+    early_stopped: bool = False  # a later step's folder holding the weights of an earlier stop
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def read(cls, folder: Path) -> "CheckpointMeta":
+        data = read_meta(folder)
+        names = {f.name for f in fields(cls)}
+        try:
+            return cls(**{k: v for k, v in data.items() if k in names})
+        except TypeError as exc:
+            raise CheckpointError(f"{folder}: {META} lacks a field ({exc})") from None
 
 
 # --- nested state <-> (tensors, JSON) -----------------------------------------------------
@@ -82,7 +115,7 @@ def save_checkpoint(
     folder: Path,
     model: GPT,
     tokenizer_path: Path,
-    meta: dict[str, Any],
+    meta: CheckpointMeta,
     training_state: dict[str, Any] | None = None,
     replace: bool = False,
 ) -> Path:
@@ -92,7 +125,7 @@ def save_checkpoint(
         save_model(model, str(tmp / WEIGHTS))
         (tmp / CONFIG).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
         shutil.copyfile(tokenizer_path, tmp / TOKENIZER)
-        (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        (tmp / META).write_text(meta.to_json())
         if training_state is not None:
             tensors: dict[str, torch.Tensor] = {}
             structure = _split_state(training_state, tensors)
@@ -142,12 +175,29 @@ def load_model(folder: Path, device: str | torch.device = "cpu", verify: bool = 
         config = GPTConfig.from_dict(read_json(folder / CONFIG))
     except (ValueError, TypeError) as exc:
         raise CheckpointError(f"{folder}: invalid {CONFIG} ({exc})") from None
+    check_shapes(config, folder / WEIGHTS)  # before allocating what a hostile config asks for
     model = GPT(config)
     try:
         load_model_weights(model, folder / WEIGHTS, device)
     except (SafetensorError, RuntimeError) as exc:
         raise CheckpointError(f"{folder}: cannot load {WEIGHTS} ({exc})") from None
     return model.to(device).eval()
+
+
+def check_shapes(config: GPTConfig, weights: Path) -> None:
+    """Compare the config's tensor shapes (built on the meta device: no memory) with the file's."""
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            found = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{weights.parent}: cannot load {weights.name} ({exc})") from None
+    with torch.device("meta"):
+        expected = {name: tuple(t.shape) for name, t in GPT(config).state_dict().items()}
+    # (a tied tensor is stored under one of its names; load_model_weights checks names strictly)
+    wrong = sorted(n for n in expected.keys() & found.keys() if expected[n] != found[n])
+    if wrong:
+        raise CheckpointError(f"{weights.parent}: {weights.name} does not match {CONFIG} ({wrong[0]}: the config needs "
+                              f"{expected[wrong[0]]}, the file has {found[wrong[0]]})")
 
 
 def load_model_weights(model: GPT, path: Path, device: str | torch.device = "cpu") -> None:
@@ -170,30 +220,6 @@ def list_checkpoints(checkpoints_dir: Path) -> list[tuple[int, Path]]:
     found = []
     if Path(checkpoints_dir).is_dir():
         for path in Path(checkpoints_dir).iterdir():
-            if match := _STEP_FOLDER.match(path.name):
-                found.append((int(match.group(1)), path))
+            if (step := parse_step(path.name)) is not None:
+                found.append((step, path))
     return sorted(found)
-
-
-def latest_resumable(checkpoints_dir: Path, warn=lambda msg: None) -> Path | None:
-    """The newest verified folder (a step checkpoint or the rolling ``resume`` state).
-
-    Corrupt or incomplete folders are skipped with a warning, so training falls back to
-    the previous good state.
-    """
-    candidates = [(step, path) for step, path in list_checkpoints(checkpoints_dir)]
-    resume = Path(checkpoints_dir) / RESUME
-    if resume.is_dir() and (resume / META).is_file():
-        try:
-            candidates.append((int(read_meta(resume)["step"]), resume))
-        except (ValueError, KeyError, TypeError):
-            pass
-    for _, path in sorted(candidates, key=lambda c: c[0], reverse=True):
-        try:
-            verify_checkpoint(path)
-        except CheckpointError as exc:
-            warn(f"skipping {exc}")
-            continue
-        if (path / STATE_JSON).is_file():
-            return path
-    return None

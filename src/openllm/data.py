@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from .config import DataConfig, HFSource
-from .fileio import atomic_dir, sha256_file, write_json
+from .fileio import atomic_dir, iter_documents, sha256_file, write_json  # noqa: F401 (iter_documents: re-exported)
 
 
 class DataError(OpenLLMError, ValueError):
@@ -289,10 +289,3 @@ def download(cfg: DataConfig, out_dir: Path) -> dict:
     train_docs, val_docs = hf_documents(cfg.hf)
     source = {"name": "hf", **cfg.hf.model_dump()}
     return write_corpus(out_dir, train_docs, val_docs, cfg.validation_fraction, source)
-
-
-def iter_documents(path: str | Path) -> Iterator[str]:
-    """Read back the documents of one JSONL split, one at a time."""
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            yield json.loads(line)["text"]

@@ -21,7 +21,7 @@ from .config import EvaluateConfig
 from .errors import OpenLLMError
 from .fileio import read_json, write_json
 from .model import GPT
-from .perf import bf16_supported
+from .device import resolve_device
 from .sampling import Sampling
 from .scoring import language_metrics, score_windows
 from .tokenizer import load_tokenizer
@@ -79,27 +79,35 @@ def write_samples(model: GPT, tokenizer, cfg: EvaluateConfig, step: int, path: P
     return markdown
 
 
-def evaluate_checkpoint(checkpoint_dir: Path, tokenized_dir: Path, cfg: EvaluateConfig,
-                        metrics_path: Path, samples_path: Path, progress: bool = False) -> dict[str, Any]:
-    """Evaluate one checkpoint on the validation split; write its metrics and samples."""
+def evaluate_checkpoint(checkpoint_dir: Path, tokenized_dir: Path, cfg: EvaluateConfig, metrics_path: Path,
+                        samples_path: Path, progress: bool = False) -> tuple[dict[str, Any], dict[str, float]]:
+    """Evaluate one checkpoint on the validation split; write its metrics and samples.
+
+    Returns the written figures, and the timings (which go to MLflow only: they differ between runs).
+    """
     from tqdm import tqdm
 
-    model = ckpt.load_model(checkpoint_dir)  # verifies sha256; fp32 for reproducible figures
-    meta = ckpt.read_meta(checkpoint_dir)
+    setup = resolve_device(cfg.device, cfg.precision, deterministic=True, distributed=False)
+    model = ckpt.load_model(checkpoint_dir, setup.device)  # verifies sha256
+    meta = ckpt.CheckpointMeta.read(checkpoint_dir)
     data_meta = read_json(tokenized_dir / "meta.json")
-    if data_meta["tokenizer_sha256"] != meta.get("tokenizer_sha256", data_meta["tokenizer_sha256"]):
+    if data_meta["tokenizer_sha256"] != meta.tokenizer_sha256:
         raise EvaluationError(f"{checkpoint_dir} was trained with another tokenizer than {tokenized_dir}")
+    tokenizer = load_tokenizer(checkpoint_dir / ckpt.TOKENIZER)
     tokens = np.memmap(tokenized_dir / data_meta["val"]["file"], dtype=np.dtype(data_meta["dtype"]), mode="r")
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and bf16_supported(torch.device("cpu")))
+    text_bytes = data_meta["val"]["bytes"]
+    if cfg.max_tokens is not None and cfg.max_tokens < len(tokens):  # a quick look: the split's start
+        tokens = np.asarray(tokens[: cfg.max_tokens])
+        text_bytes = len(tokenizer.decode(tokens.tolist()).encode("utf-8"))
     started = time.perf_counter()
     with (tqdm(total=len(tokens) - 1, unit="tok", desc=f"evaluate {checkpoint_dir.name}", disable=not progress) as bar,
-          torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)):
+          setup.autocast()):
         total, count = token_nats(model, tokens, cfg.batch_size, bar.update)
     seconds = time.perf_counter() - started
-    figures = language_metrics(total, count, data_meta["val"]["bytes"])
+    figures = language_metrics(total, count, text_bytes)
     metrics = {
-        "step": meta["step"],
-        "tokens_seen": meta["tokens_seen"],
+        "step": meta.step,
+        "tokens_seen": meta.tokens_seen,
         "parameters": model.num_parameters(),
         "context_length": model.config.context_length,
         "val_loss": figures["loss"],
@@ -107,27 +115,27 @@ def evaluate_checkpoint(checkpoint_dir: Path, tokenized_dir: Path, cfg: Evaluate
         "val_bits_per_byte": figures["bits_per_byte"],
         "val_tokens": figures["tokens"],
         "val_bytes": figures["bytes"],
-        "eval_tokens_per_second": count / seconds,
-        "eval_precision": "bf16" if bf16 else "fp32",
-        "mlflow_run_id": meta.get("mlflow_run_id"),
-        **bias_metrics(model, load_tokenizer(checkpoint_dir / ckpt.TOKENIZER)),  # src/openllm/bias.py
+        "val_protocol": f"consecutive windows of {model.config.context_length} tokens, stride "
+                        f"{model.config.context_length}" + ("" if cfg.max_tokens is None else
+                                                           f", first {len(tokens):,} tokens"),
+        "eval_precision": setup.precision_name,
+        **bias_metrics(model, tokenizer),  # src/openllm/bias.py
     }
-    write_samples(model, load_tokenizer(checkpoint_dir / ckpt.TOKENIZER), cfg, meta["step"], samples_path)
+    write_samples(model, tokenizer, cfg, meta.step, samples_path)
     write_json(metrics_path, metrics)
-    return metrics
+    return metrics, {"eval_tokens_per_second": count / seconds}
 
 
-def log_to_mlflow(experiment: str, metrics: dict[str, Any], samples_path: Path) -> None:
+def log_to_mlflow(experiment: str, checkpoints_dir: Path, metrics: dict[str, Any], samples_path: Path) -> None:
     """Add the checkpoint's figures (step = checkpoint step) and samples to its training run."""
     from . import tracking
 
-    if not metrics.get("mlflow_run_id"):
+    run_id = tracking.read_run_id(checkpoints_dir)
+    if not run_id:
         return
+    names = {"val_loss": "eval_val_loss", "val_perplexity": "eval_val_perplexity",
+             "val_bits_per_byte": "eval_val_bits_per_byte", "eval_tokens_per_second": "eval_tokens_per_second"}
     mlflow = tracking.setup(experiment)
-    with tracking.open_run(mlflow, metrics["mlflow_run_id"]):
-        mlflow.log_metrics(
-            {f"eval_{k}": metrics[k] for k in ("val_loss", "val_perplexity", "val_bits_per_byte",
-                                                 "eval_tokens_per_second")},
-            step=metrics["step"],
-        )
+    with tracking.open_run(mlflow, run_id):
+        mlflow.log_metrics({name: metrics[key] for key, name in names.items() if key in metrics}, step=metrics["step"])
         mlflow.log_artifact(str(samples_path), "samples")

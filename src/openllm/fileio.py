@@ -44,10 +44,12 @@ def atomic_dir(final: str | Path, replace: bool = True) -> Iterator[Path]:
 
     On an exception the temporary folder is removed and ``final`` is left as it was, so a
     failed or killed stage never leaves a half-written output behind. With ``replace=False``
-    an existing ``final`` is an error (checkpoints are never overwritten).
+    an existing ``final`` is an error (checkpoints are never overwritten). Leftovers of a
+    killed earlier write of the same folder are removed first.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(final)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; outputs should be readable like any folder
     try:
@@ -68,6 +70,13 @@ def atomic_dir(final: str | Path, replace: bool = True) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def remove_leftovers(final: Path) -> None:
+    """Delete the temporary siblings (``.NAME.tmp-*``, ``.NAME.old-*``) a killed write left."""
+    for pattern in (f".{final.name}.tmp-*", f".{final.name}.old-*"):
+        for path in final.parent.glob(pattern):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
 def write_json(path: str | Path, data: Any, sort_keys: bool = True) -> None:
     """Write JSON atomically (temp file + fsync + rename); ``sort_keys=False`` keeps dict order."""
     path = Path(path)
@@ -84,3 +93,10 @@ def write_json(path: str | Path, data: Any, sort_keys: bool = True) -> None:
 def read_json(path: str | Path) -> Any:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+def iter_documents(path: str | Path) -> Iterator[str]:
+    """Read back the documents of one JSONL split of ``data/raw/``, one at a time."""
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            yield json.loads(line)["text"]

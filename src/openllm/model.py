@@ -19,7 +19,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .optim import MuonWithAdamW, build_optimizer
 
 # One (key, value) pair per layer, each (B, H, T_past, D).
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
@@ -319,19 +318,6 @@ class GPT(nn.Module):
         cfg = self.config
         n = self.num_parameters(exclude_embeddings=True) + cfg.n_embd * cfg.vocab_size
         return 6 * n + 12 * cfg.n_layer * cfg.n_embd * cfg.context_length
-
-    def configure_optimizer(
-        self,
-        weight_decay: float,
-        learning_rate: float,
-        betas: tuple[float, float],
-        kind: str = "adamw",
-    ) -> torch.optim.AdamW | MuonWithAdamW:
-        """AdamW (``kind="adamw"``) or Muon + AdamW (``"muon"``); see ``openllm.optim``.
-
-        Weight decay goes on matrices and embeddings (dim >= 2), never on norm scales.
-        """
-        return build_optimizer(self, kind, learning_rate, weight_decay, betas)
 
     @torch.no_grad()
     def generate(

@@ -1,25 +1,60 @@
-"""The ``report`` stage: one table and a few pictures across every evaluated checkpoint.
+"""The report: one summary, one table and a few pictures across the listed checkpoints.
 
-Writes ``metrics/checkpoints.tsv`` (a DVC plot of loss / bits per byte against step),
-``metrics/results.md`` (the table the README shows) and PNG charts in ``metrics/plots/``,
-which open offline (DVC's interactive plots load their JavaScript from a CDN).
+Writes ``metrics/summary.json`` (the metrics file ``dvc exp show`` and ``dvc metrics diff``
+compare: the same keys in every experiment, whatever its checkpoint steps),
+``metrics/checkpoints.tsv`` (a DVC plot of loss / bits per byte against step),
+``metrics/results.md`` (the table the README shows) and PNG charts in ``metrics/plots/``, which
+open offline (DVC's interactive plots load their JavaScript from a CDN). Every file depends on
+the params, code and data only: timings live in MLflow.
 """
 
 from __future__ import annotations
 
-import os
-import platform
+import csv
+import shutil
 from pathlib import Path
 from typing import Any
 
-from .fileio import read_json
+from .fileio import read_json, write_json
+from .paths import SUMMARY, TRAIN_SUMMARY, evaluation_path, parse_step
 
 TABLE_COLUMNS = ["step", "tokens_seen", "val_loss", "val_perplexity", "val_bits_per_byte"]
 
 
-def collect(evaluate_dir: Path, steps: list[int]) -> list[dict[str, Any]]:
+# What summary.json reports of a checkpoint, headline first: bits per byte compares models
+# whatever their tokenizer; loss and perplexity are per token, so they change with the vocabulary.
+SUMMARY_FIGURES = ["val_bits_per_byte", "val_loss", "val_perplexity", "step", "tokens_seen"]
+
+
+def collect(metrics_dir: Path, steps: list[int]) -> list[dict[str, Any]]:
     """The metrics of each listed checkpoint, in step order."""
-    return [read_json(evaluate_dir / f"step-{step}.json") for step in steps]
+    return [read_json(evaluation_path(metrics_dir, step)) for step in steps]
+
+
+def summarize(rows: list[dict[str, Any]], train_summary: dict[str, Any]) -> dict[str, Any]:
+    """The final and the best checkpoint's figures, and what the model cost."""
+    best = min(rows, key=lambda row: row["val_bits_per_byte"])
+    return {
+        "final": {key: rows[-1][key] for key in SUMMARY_FIGURES},
+        "best": {key: best[key] for key in SUMMARY_FIGURES},
+        "parameters": rows[-1]["parameters"],
+        "train_steps": train_summary.get("steps"),
+        "train_flops": train_summary.get("train_flops"),
+    }
+
+
+def remove_unlisted(metrics_dir: Path, export_dir: Path, steps: list[int]) -> list[Path]:
+    """Delete the evaluate and export outputs of checkpoint steps no longer listed."""
+    listed, removed = set(steps), []
+    candidates = [*(Path(metrics_dir) / "evaluate").glob("step-*.json"),
+                  *(Path(metrics_dir) / "samples").glob("step-*.md"), *Path(export_dir).glob("step-*")]
+    for path in candidates:
+        step = parse_step(path.name.split(".")[0])
+        if step is None or step in listed:
+            continue
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        removed.append(path)
+    return sorted(removed)
 
 
 def write_table(rows: list[dict[str, Any]], path: Path) -> None:
@@ -30,7 +65,7 @@ def write_table(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def results_markdown(rows: list[dict[str, Any]], train_summary: dict[str, Any]) -> str:
-    """A markdown table of the checkpoints plus how, where and how fast they were made."""
+    """A markdown table of the checkpoints plus how and where they were made."""
     lines = [
         "| checkpoint | tokens seen | val loss (nats/token) | perplexity | bits per byte |",
         "|---|---:|---:|---:|---:|",
@@ -38,34 +73,25 @@ def results_markdown(rows: list[dict[str, Any]], train_summary: dict[str, Any]) 
     for row in rows:
         lines.append(f"| step-{row['step']} | {row['tokens_seen']:,} | {row['val_loss']:.4f} | "
                      f"{row['val_perplexity']:.2f} | {row['val_bits_per_byte']:.4f} |")
-    machine = f"{cpu_name()} ({os.cpu_count()} cores)"
+    machine = train_summary.get("machine", {})
     lines += [
         "",
-        f"Model: {train_summary.get('parameters', 0):,} parameters; trained {train_summary.get('steps')} steps on "
-        f"{train_summary.get('device')} ({train_summary.get('precision')}, {train_summary.get('threads')} threads, "
-        f"compiled: {train_summary.get('compiled')}) at {train_summary.get('tokens_per_second', 0):,.0f} tokens/s "
-        f"in {train_summary.get('wall_seconds', 0) / 60:.1f} min on {machine}.",
+        f"Model: {train_summary.get('parameters', 0):,} parameters; trained {train_summary.get('steps')} steps "
+        f"({train_summary.get('train_flops', 0):.2e} FLOPs) on {train_summary.get('device')} "
+        f"({train_summary.get('precision')}, compiled: {train_summary.get('compiled')}, "
+        f"{machine.get('threads')} threads) on {machine.get('cpu')} ({machine.get('cpu_count')} cores), "
+        f"torch {machine.get('torch')}. Training time and speed: the MLflow run.",
         "Perplexity is exp(loss); bits per byte = total nats / (ln 2 x UTF-8 bytes of the validation text).",
     ]
     return "\n".join(lines) + "\n"
 
 
-def cpu_name() -> str:
-    """The processor's model name (Linux), else what ``platform`` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def read_tsv(path: Path) -> dict[str, list[float]]:
-    lines = [line.split("\t") for line in path.read_text().splitlines() if line]
-    header, rows = lines[0], lines[1:]
-    return {name: [float(r[i]) if r[i] not in ("", "nan") else float("nan") for r in rows]
-            for i, name in enumerate(header)}
+    """Columns of a TSV log as lists of floats (empty cells are NaN)."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    names = rows[0].keys() if rows else []
+    return {name: [float(row[name] or "nan") for row in rows] for name in names}
 
 
 def draw_plots(rows: list[dict[str, Any]], metrics_dir: Path, plots_dir: Path) -> list[Path]:
@@ -103,12 +129,13 @@ def draw_plots(rows: list[dict[str, Any]], metrics_dir: Path, plots_dir: Path) -
 
 
 def build_report(metrics_dir: Path, steps: list[int]) -> dict[str, Any]:
-    """Run the report stage; return the rows."""
-    rows = collect(metrics_dir / "evaluate", steps)
+    """Write the summary, table and plots; return the rows and the plot files."""
+    rows = collect(metrics_dir, steps)
     write_table(rows, metrics_dir / "checkpoints.tsv")
-    summary_path = metrics_dir / "train.json"
-    summary = read_json(summary_path) if summary_path.is_file() else {}
-    (metrics_dir / "results.md").write_text(results_markdown(rows, summary))
+    summary_path = metrics_dir / TRAIN_SUMMARY
+    train_summary = read_json(summary_path) if summary_path.is_file() else {}
+    write_json(metrics_dir / SUMMARY, summarize(rows, train_summary), sort_keys=False)
+    (metrics_dir / "results.md").write_text(results_markdown(rows, train_summary))
     plots = draw_plots(rows, metrics_dir, metrics_dir / "plots")
     return {"rows": rows, "plots": plots}
 

@@ -24,8 +24,7 @@ import numpy as np
 import sentencepiece as spm
 
 from .config import TokenizerConfig
-from .data import iter_documents
-from .fileio import atomic_dir, read_json, sha256_file, write_json
+from .fileio import atomic_dir, iter_documents, read_json, sha256_file, write_json
 
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2  # the Llama convention; EOS also separates documents
 

@@ -2,21 +2,25 @@
 
 The default store is ``sqlite:///<repo>/mlflow.db`` with an absolute path, so stages run by
 ``dvc repro``, ``dvc exp run`` (in a temporary copy of the repo) and Prefect all land in the same
-store; ``MLFLOW_TRACKING_URI`` overrides it. The training run's id is written next to the
-checkpoints so that evaluate and export log into the same run.
+store; ``MLFLOW_TRACKING_URI`` overrides it. The training run's id is kept beside the checkpoint
+folder (not inside it: run ids differ between runs) so that evaluate and export log into that run.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import subprocess
+import time
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-RUN_ID_FILE = "mlflow_run_id"
+from .paths import run_id_path
+
 logging.getLogger("alembic").setLevel(logging.WARNING)  # MLflow's schema migrations are chatty
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"  # UI: training view
 
 
 def repo_root(start: Path | None = None) -> Path:
@@ -43,18 +47,57 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlflow.db'}"
 
 
-def setup(experiment: str):
-    """Point MLflow at the project's store and experiment; return the ``mlflow`` module."""
-    import mlflow
+def init_store(uri: str | None = None, attempts: int = 5) -> None:
+    """Create or upgrade a SQLite store's tables once, whoever else starts at the same moment.
 
-    mlflow.set_tracking_uri(tracking_uri())
+    MLflow creates a new SQLite store's schema on first use; two processes doing that at once
+    collide ("table ... already exists", "duplicate column name"). An exclusive lock on
+    ``<db>.lock`` makes one process build the schema while the others wait, and a collision
+    with a process that does not take the lock (``mlflow ui``) is retried.
+    """
+    uri = uri or tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        return
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    database = Path(uri.removeprefix("sqlite:///"))
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(database.with_name(database.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        for attempt in range(attempts):
+            try:
+                SqlAlchemyStore(uri, artifact_root(uri))
+                return
+            except Exception:  # sqlalchemy/alembic errors of a half-built schema: wait, then look again
+                if attempt == attempts - 1:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
+
+
+def artifact_root(uri: str) -> str | None:
+    """``mlartifacts/`` next to a SQLite store (MLflow's default would be the working directory)."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+    return None
+
+
+def setup(experiment: str):
+    """Point MLflow at the project's store and experiment; return the ``mlflow`` module.
+
+    The experiment is created when missing, tagged so that MLflow's UI opens it in the
+    model-training view.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    uri = tracking_uri()
+    init_store(uri)
+    mlflow.set_tracking_uri(uri)
     if mlflow.get_experiment_by_name(experiment) is None:
-        artifacts = None
-        if tracking_uri().startswith("sqlite:///"):
-            artifacts = (Path(tracking_uri().removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
         try:
-            mlflow.create_experiment(experiment, artifact_location=artifacts)
-        except Exception:  # created meanwhile by another process
+            mlflow.create_experiment(experiment, artifact_location=artifact_root(uri),
+                                     tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        except MlflowException:  # created meanwhile by another process
             pass
     mlflow.set_experiment(experiment)
     return mlflow
@@ -95,16 +138,41 @@ def run_tags(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def read_run_id(checkpoints_dir: Path) -> str | None:
-    path = Path(checkpoints_dir) / RUN_ID_FILE
-    return path.read_text().strip() if path.is_file() else None
+    """The MLflow run that trained the checkpoints in ``checkpoints_dir`` (None if unknown)."""
+    path = run_id_path(checkpoints_dir)
+    return path.read_text().strip() or None if path.is_file() else None
 
 
-def open_run(mlflow, run_id: str | None, log_system_metrics: bool = False):
-    """Resume the run ``run_id`` when the store still has it, else start a new one."""
+def write_run_id(checkpoints_dir: Path, run_id: str) -> None:
+    run_id_path(checkpoints_dir).write_text(run_id + "\n")
+
+
+def open_run(mlflow, run_id: str | None, log_system_metrics: bool = False, run_name: str | None = None):
+    """Resume the run ``run_id`` when the store still has it, else start a new one named ``run_name``."""
+    from mlflow.exceptions import MlflowException
+
     if run_id:
         try:
             mlflow.get_run(run_id)
             return mlflow.start_run(run_id=run_id, log_system_metrics=log_system_metrics)
-        except Exception:
+        except MlflowException:  # deleted, or from another store
             pass
-    return mlflow.start_run(log_system_metrics=log_system_metrics)
+    return mlflow.start_run(run_name=run_name, log_system_metrics=log_system_metrics)
+
+
+def run_name(preset: str, max_steps: int, sha: str | None = None) -> str:
+    """A name a person can read: ``micro-2400steps-1a2b3c4``."""
+    sha = sha or git_sha()
+    return f"{preset}-{max_steps}steps-{sha[:7] if sha != 'unknown' else 'nogit'}"
+
+
+def log_training_data(mlflow, tokenized_dir: Path, data_meta: dict[str, Any]) -> None:
+    """Log the tokenized training split as the run's MLflow dataset, its digest from its sha256."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    for split, context in (("train", "training"), ("val", "validation")):
+        path = (Path(tokenized_dir) / data_meta[split]["file"]).resolve()
+        dataset = MetaDataset(resolve_dataset_source(str(path)), name=f"{path.parent.name}/{path.name}",
+                              digest=data_meta[split]["sha256"][:16])
+        mlflow.log_input(dataset, context=context)
