@@ -15,7 +15,8 @@ from helpers import TINY_DOCS, run_openllm
 from openllm.checkpoint import CheckpointError, load_model
 from openllm.config import ExportConfig, MlflowConfig, SamplingConfig
 from openllm.errors import OpenLLMError
-from openllm.export import ALIAS_BEST, ALIAS_NEWEST, ExportError, export_checkpoint
+from openllm.export import ExportError, export_checkpoint
+from openllm.manifest import ExportManifest
 from openllm.fileio import read_json, sha256_file, write_json
 from openllm.runtime import ModelLoadError, OnnxGenerator, input_names, output_names
 from openllm.sampling import Sampling
@@ -48,14 +49,18 @@ def generator(export_dir: Path) -> OnnxGenerator:
 
 def test_folder_contents_and_metadata(export_dir: Path, checkpoint: Path) -> None:
     names = {p.name for p in export_dir.iterdir()}
-    assert names == {"model.onnx", "model.int8.onnx", "tokenizer.model", "config.json", "export.json", "hf"}
+    assert names >= {"model.onnx", "int8", "tokenizer.model", "config.json", "export.json", "hf",
+                     "genai_config.json", "tokenizer.json", "tokenizer_config.json"}
+    assert {p.name for p in (export_dir / "int8").iterdir()} == {
+        "model.int8.onnx", "genai_config.json", "tokenizer.json", "tokenizer_config.json"}
     config = read_json(export_dir / "config.json")
     assert config["n_layer"] == 2 and config["n_head"] == 4 and config["head_dim"] == 8
     assert config["context_length"] == CONTEXT and config["vocab_size"] == 400
     assert (config["bos_id"], config["eos_id"], config["unk_id"]) == (1, 2, 0)
     assert config["sampling"] == SamplingConfig().model_dump()
     assert config["step"] == 10 and config["val_loss"] == 5.0 and config["opset"] == 18
-    assert config["files"] == {"model": "model.onnx", "model_int8": "model.int8.onnx", "tokenizer": "tokenizer.model"}
+    assert config["files"] == {"model": "model.onnx", "model_int8": "int8/model.int8.onnx", "tokenizer": "tokenizer.model"}
+    assert ExportManifest.from_dict(config).checkpoint["meta"]["tokens_seen"] == 10 * 1024
     assert (export_dir / "tokenizer.model").read_bytes() == (checkpoint / "tokenizer.model").read_bytes()
     report = read_json(export_dir / "export.json")
     assert report["verification"]["max_abs_diff_logits"] <= 1e-4
@@ -179,7 +184,7 @@ def test_export_error_is_an_openllm_error() -> None:
 
 def test_int8_model_runs_and_is_measured(export_dir: Path, generator: OnnxGenerator) -> None:
     int8 = OnnxGenerator.load(export_dir, quantized=True)
-    assert (export_dir / "model.int8.onnx").stat().st_size < (export_dir / "model.onnx").stat().st_size
+    assert (export_dir / "int8" / "model.int8.onnx").stat().st_size < (export_dir / "model.onnx").stat().st_size
     text = TINY_DOCS["a_hello.txt"]
     assert abs(int8.score(text)["loss"] - generator.score(text)["loss"]) < 0.05
     result = int8.generate("Hello", Sampling(temperature=0.0, max_new_tokens=8))
@@ -220,57 +225,84 @@ def test_hf_folder_loads_with_transformers(export_dir: Path, model, checkpoint: 
     assert diff <= 1e-4
 
 
-# ---------------------------------------------------------------- MLflow registry
+def test_hf_folder_pads_generates_in_batches_and_has_a_card(export_dir: Path, checkpoint: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    folder = export_dir / "hf"
+    hf_tok = transformers.AutoTokenizer.from_pretrained(folder)
+    assert (hf_tok.pad_token, hf_tok.pad_token_id, hf_tok.padding_side) == ("</s>", 2, "left")
+    # tokenizer_class names a class transformers 4.x has too (5.x's TokenizersBackend is unknown there)
+    assert read_json(folder / "tokenizer_config.json")["tokenizer_class"] == "PreTrainedTokenizerFast"
+    generation = read_json(folder / "generation_config.json")
+    sampling = SamplingConfig()
+    assert (generation["temperature"], generation["top_k"], generation["top_p"], generation["max_new_tokens"]) == (
+        sampling.temperature, sampling.top_k, sampling.top_p, sampling.max_new_tokens)
+    assert generation["pad_token_id"] == 2 and generation["do_sample"] is True
+
+    # A batched pipeline needs the pad token; left padding keeps each prompt's greedy text.
+    generate = transformers.pipeline("text-generation", model=str(folder), tokenizer=hf_tok)
+    prompts = ["ROMEO:\nBut soft", "Hi"]
+    batched = generate(prompts, max_new_tokens=6, do_sample=False, batch_size=2)
+    alone = [generate(p, max_new_tokens=6, do_sample=False)[0]["generated_text"] for p in prompts]
+    assert [r[0]["generated_text"] for r in batched] == alone
+
+    card = (folder / "README.md").read_text(encoding="utf-8")
+    assert card.startswith("---\nlicense: gpl-3.0\n") and "pipeline_tag: text-generation" in card
+    assert "## Limitations" in card and "| parameters |" in card and "step 10" in card
+    for path in export_dir.rglob("*"):  # readable by every user (safetensors writes 0600 by default)
+        assert path.stat().st_mode & 0o777 == (0o755 if path.is_dir() else 0o644), path
 
 
-def test_register_two_checkpoints_with_aliases(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    from openllm import tracking
+# ---------------------------------------------------------------- onnxruntime-genai
 
-    checkpoints = tmp_path / "models" / "checkpoints"
-    mlflow_cfg = MlflowConfig(experiment="export-test", registered_model="tiny-test")
-    mlflow = tracking.setup(mlflow_cfg.experiment)
-    with mlflow.start_run() as run:  # the "training run" that export logs into
-        training_run = run.info.run_id
-    checkpoints.mkdir(parents=True)
-    (checkpoints / tracking.RUN_ID_FILE).write_text(training_run)
 
-    # Step 20 is newer but worse: `newest` and `best` must differ.
-    cfg = ExportConfig(quantize=False, huggingface=False, register_model=True)
-    for step, val_loss, bpb in ((10, 4.0, 2.5), (20, 4.5, 2.75)):
-        folder = build_checkpoint(checkpoints, step=step, val_loss=val_loss, seed=step)
-        metrics = tmp_path / "metrics" / f"step-{step}.json"
-        write_json(metrics, {"val_loss": val_loss, "val_bits_per_byte": bpb})
-        report = export_checkpoint(folder, tmp_path / "export" / f"step-{step}", cfg, SamplingConfig(), mlflow_cfg,
-                                   metrics_path=metrics)
-        assert report["mlflow"]["run_id"] == training_run
-        assert read_json(tmp_path / "export" / f"step-{step}" / "export.json")["mlflow"] == report["mlflow"]
+@pytest.mark.parametrize("variant", ["fp32", "int8"])
+def test_onnxruntime_genai_loads_each_variant_with_our_greedy_tokens(export_dir: Path, variant: str) -> None:
+    og = pytest.importorskip("onnxruntime_genai")
+    folder = export_dir if variant == "fp32" else export_dir / "int8"
+    ours = OnnxGenerator.load(export_dir, quantized=variant == "int8")  # what `openllm generate` runs
+    model, greedy = og.Model(str(folder)), Sampling(temperature=0.0, max_new_tokens=40)
+    tokenizer = og.Tokenizer(model)
+    for prompt in ["ROMEO:\nBut soft, what light", "Hello", "Café 🙂 東京\n  two  spaces", "x"]:
+        ids = ours.encode(prompt)
+        assert list(tokenizer.encode(prompt)) == ids, prompt
+        want = ours.generate_tokens([ids], greedy)[0].token_ids
+        params = og.GeneratorParams(model)
+        params.set_search_options(do_sample=False, max_length=len(ids) + 40)
+        generator = og.Generator(model, params)
+        generator.append_tokens([ids])
+        got = []
+        while not generator.is_done():
+            generator.generate_next_token()
+            got.append(int(generator.get_next_tokens()[0]))
+        assert got[: len(want)] == want and len(want) > 0, prompt
+        # the logits of the last step agree too, not only their argmax (int8 quantises activations
+        # per call, so one prefill of the whole text and step-by-step decoding differ slightly)
+        last = generator.get_output("logits")[0, -1]
+        mask = np.ones((1, len(ids) + len(got) - 1), np.int64)
+        logits, _ = ours.forward(np.array([ids + got[:-1]]), mask, np.arange(mask.shape[1])[None], None)
+        assert np.abs(last - logits[0, -1]).max() < (1e-4 if variant == "fp32" else 2e-2)
+    config = read_json(folder / "genai_config.json")
+    assert config["model"]["decoder"]["filename"] == ("model.onnx" if variant == "fp32" else "model.int8.onnx")
+    assert config["search"]["do_sample"] is True and config["search"]["top_k"] == SamplingConfig().top_k
+    assert read_json(export_dir / "export.json")["genai"][variant]["greedy_tokens_equal"] > 0
 
-    client = mlflow.MlflowClient()
-    versions = {int(v.version): v for v in client.search_model_versions("name='tiny-test'")}
-    assert len(versions) == 2
-    by_step = {int(v.tags["step"]): number for number, v in versions.items()}
-    assert set(by_step) == {10, 20}
-    tags = versions[by_step[10]].tags
-    assert float(tags["val_loss"]) == 4.0 and float(tags["val_bits_per_byte"]) == 2.5
-    assert all(v.run_id == training_run for v in versions.values())
-    assert int(client.get_model_version_by_alias("tiny-test", ALIAS_NEWEST).version) == by_step[20]
-    assert int(client.get_model_version_by_alias("tiny-test", ALIAS_BEST).version) == by_step[10]
 
-    # Re-exporting a checkpoint replaces its version: still one version per checkpoint.
-    again = export_checkpoint(checkpoints / "step-10", tmp_path / "export" / "step-10", cfg, SamplingConfig(),
-                              mlflow_cfg, metrics_path=tmp_path / "metrics" / "step-10.json")
-    numbers = {int(v.version) for v in client.search_model_versions("name='tiny-test'")}
-    assert numbers == {by_step[20], again["mlflow"]["version"]} and again["mlflow"]["version"] > by_step[20]
-    by_step[10] = again["mlflow"]["version"]
-    assert int(client.get_model_version_by_alias("tiny-test", ALIAS_BEST).version) == by_step[10]
-
-    generator = OnnxGenerator.load(f"models:/tiny-test@{ALIAS_BEST}")
-    assert generator.config["step"] == 10
-    assert generator.generate("Hello", Sampling(temperature=0.0, max_new_tokens=5)).completion_tokens > 0
-    assert OnnxGenerator.load(f"models:/tiny-test/{by_step[20]}").config["step"] == 20
-    with pytest.raises(ModelLoadError, match="registry"):
-        OnnxGenerator.load("models:/tiny-test@nonexistent")
+def test_genai_text_equals_openllm_generate(export_dir: Path) -> None:
+    og = pytest.importorskip("onnxruntime_genai")
+    prompt = "ROMEO:\n"
+    done = run_openllm("generate", "--model", str(export_dir), prompt, "--temperature", "0",
+                       "--max-new-tokens", "24", cwd=export_dir)
+    assert done.returncode == 0, done.stderr
+    model = og.Model(str(export_dir))
+    tokenizer = og.Tokenizer(model)
+    params = og.GeneratorParams(model)
+    ids = tokenizer.encode(prompt)
+    params.set_search_options(do_sample=False, max_length=len(ids) + 24)
+    generator = og.Generator(model, params)
+    generator.append_tokens(ids)
+    while not generator.is_done():
+        generator.generate_next_token()
+    assert done.stdout == tokenizer.decode(generator.get_sequence(0)) + "\n"
 
 
 # ---------------------------------------------------------------- the stage command
@@ -288,3 +320,15 @@ def test_cli_export_stage(tmp_path: Path, params_file) -> None:
     missing = run_openllm("export", "--step", "99", cwd=tmp_path)
     assert missing.returncode == 2 and missing.stderr.strip().startswith("error: ")
     assert len(missing.stderr.strip().splitlines()) == 1
+
+
+def test_cli_export_of_a_checkpoint_without_its_tokenizer_is_one_line(tmp_path: Path, params_file) -> None:
+    params_file({"export": {"quantize": False, "huggingface": False, "register_model": False}})
+    checkpoint = build_checkpoint(tmp_path / "models" / "checkpoints", step=10)
+    (checkpoint / "tokenizer.model").unlink()
+    # with a tokenized corpus present, export compares its tokenizer with the checkpoint's first
+    write_json(tmp_path / "data" / "tokenized" / "meta.json", {"tokenizer_sha256": "0" * 64})
+    done = run_openllm("export", "--step", "10", cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [f"error: models/checkpoints/step-10: tokenizer.model is missing"]
+    assert not (tmp_path / "models" / "export").exists() or not any((tmp_path / "models" / "export").iterdir())

@@ -33,14 +33,14 @@ import onnxruntime as ort
 
 from .decode import DecodeBatch, Row, TextAssembler
 from .errors import OpenLLMError
-from .fileio import read_json, sha256_file
+from .fileio import sha256_file
+from .manifest import MANIFEST_FILE, ExportManifest, ManifestError, read_manifest
+from .registry import PREFIX as REGISTRY_PREFIX
 from .sampling import Sampling
 from .scoring import language_metrics, score_windows
 from .tokenizer import load_tokenizer
 
-CONFIG_FILE = "config.json"  # the runtime config written by the export stage
-FORMAT = "openllm-onnx/1"
-REGISTRY_PREFIX = "models:/"
+CONFIG_FILE = MANIFEST_FILE  # the export's manifest, written by the export stage
 
 
 class ModelLoadError(OpenLLMError):
@@ -162,19 +162,23 @@ class OnnxGenerator:
     @classmethod
     def _load_registry(cls, uri: str, quantized: bool, threads: int, providers: Sequence[str]) -> OnnxGenerator:
         """Download a registered model's files (MLflow), load them, drop the download."""
-        import mlflow  # only here: the registry is optional for serving
+        from . import registry  # MLflow only here: the registry is optional for serving
 
-        from . import tracking
-
-        mlflow.set_tracking_uri(tracking.tracking_uri())
         with tempfile.TemporaryDirectory(prefix="openllm-model-") as tmp:
             try:
-                folder = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp)
-            except Exception as exc:  # MlflowException: unknown name, alias or version
-                raise ModelLoadError(f"{uri}: cannot download from the MLflow registry ({exc})") from None
+                version = registry.resolve_version(uri)  # an alias's version, before the download
+                folder = registry.download_export(registry.version_uri(registry.model_name(uri), version), Path(tmp))
+            except registry.RegistryError as exc:
+                raise ModelLoadError(str(exc)) from None
             generator = cls.load(folder, quantized, threads, providers)  # all in memory afterwards
         generator.source = uri
+        generator.registry_version = version
         return generator
+
+    @property
+    def manifest(self) -> ExportManifest:
+        """The export's typed manifest: shape, files, sampling, checkpoint and evaluation figures."""
+        return ExportManifest.from_dict(self.config, self.source)
 
     # --- one model call ----------------------------------------------------------------
 
@@ -370,15 +374,7 @@ def _find(folder: Path, name: str) -> Path:
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
-    path = _find(folder, CONFIG_FILE)
     try:
-        config = read_json(path)
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"{path}: unreadable ({exc})") from None
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise ModelLoadError(f"{path}: not an OpenLLM export config (expected format {FORMAT!r})")
-    needed = ("n_layer", "n_head", "head_dim", "context_length", "vocab_size", "eos_id", "sampling", "files", "sha256")
-    missing = [key for key in needed if key not in config]
-    if missing:
-        raise ModelLoadError(f"{path}: missing key(s) {missing}")
-    return config
+        return read_manifest(folder, _find(folder, CONFIG_FILE)).to_dict()
+    except ManifestError as exc:
+        raise ModelLoadError(str(exc)) from None
