@@ -13,19 +13,17 @@ from .errors import OpenLLMError
 import hashlib
 import json
 import re
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-# Where each stage writes (relative to the repository root). dvc.yaml names the same paths.
-RAW_DIR = Path("data/raw")
-TOKENIZED_DIR = Path("data/tokenized")
-CHECKPOINTS_DIR = Path("models/checkpoints")
-EXPORT_DIR = Path("models/export")
-METRICS_DIR = Path("metrics")
+# Output paths live in openllm.paths; these names stay importable from here.
+from .paths import CHECKPOINTS_DIR, EXPORT_DIR, METRICS_DIR, RAW_DIR, TOKENIZED_DIR  # noqa: E402,F401
+
+MAX_SEED = 2**32 - 1  # every seed fits numpy's and torch's generators
 
 
 class ConfigError(OpenLLMError, ValueError):
@@ -34,7 +32,8 @@ class ConfigError(OpenLLMError, ValueError):
 
 class Section(BaseModel):
     # Unknown keys are errors: a typo such as `train.lerning_rate` must not be silently ignored.
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Strict types: `true` or "40" is not an integer; numbers must be finite (no .inf, .nan).
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class HFSource(Section):
@@ -57,13 +56,18 @@ class HFSource(Section):
 class FilesSource(Section):
     """Local ``.txt``, ``.md`` (one document per file) or ``.jsonl`` (one per line) files."""
 
-    glob: str | None = None
-    jsonl_text_key: str = "text"
+    glob: str | None = Field(None, description="files to read, inside data.folder, e.g. 'data/corpus/**/*.txt'")
+    jsonl_text_key: str = Field("text", description="the text field of each .jsonl line")
 
 
 class DataConfig(Section):
-    source: Literal["shakespeare", "hf", "files"] = "shakespeare"
-    validation_fraction: float = Field(0.1, gt=0.0, lt=0.5)
+    source: Literal["shakespeare", "hf", "files"] = Field(
+        "shakespeare", description="shakespeare (built in, offline) | hf (Hugging Face dataset) | files")
+    folder: str = Field(
+        "data/corpus", min_length=1, description="local input folder, a DVC dependency of the download stage: "
+                                                 "files globs and local save_to_disk datasets must lie inside")
+    validation_fraction: float = Field(
+        0.1, gt=0.0, lt=0.5, description="documents held out by hash when the source has no validation split")
     hf: HFSource = HFSource()
     files: FilesSource = FilesSource()
 
@@ -72,8 +76,22 @@ class DataConfig(Section):
         if self.source == "hf" and not self.hf.dataset:
             raise ValueError("data.source=hf needs data.hf.dataset (a hub id or a local directory)")
         if self.source == "files" and not self.files.glob:
-            raise ValueError("data.source=files needs data.files.glob (e.g. 'corpus/*.txt')")
+            raise ValueError("data.source=files needs data.files.glob (e.g. 'data/corpus/*.txt')")
+        if self.source == "files":
+            _check_inside(self.files.glob, self.folder, "data.files.glob")
+        if self.source == "hf" and Path(self.hf.dataset).is_dir():
+            _check_inside(self.hf.dataset, self.folder, "data.hf.dataset")
         return self
+
+
+def _check_inside(path: str, folder: str, field: str) -> None:
+    """DVC can only notice a changed input inside the folder the download stage depends on."""
+    parts, top = PurePath(path).parts, PurePath(folder).parts
+    if ".." in parts:
+        raise ValueError(f"{field}={path!r} must not contain '..'")
+    if tuple(parts[: len(top)]) != tuple(top):
+        raise ValueError(f"{field}={path!r} must lie inside data.folder={folder!r} (the download stage's "
+                         "DVC dependency, so that DVC sees when the files change)")
 
 
 class TokenizerConfig(Section):
@@ -101,13 +119,13 @@ MODEL_PRESETS: dict[str, dict[str, int]] = {
 class ModelConfig(Section):
     """A preset plus optional per-field overrides (null = take the preset's value)."""
 
-    preset: Literal["micro", "tiny", "small"] = "micro"
-    n_layer: int | None = Field(None, gt=0)
-    n_head: int | None = Field(None, gt=0)
-    n_embd: int | None = Field(None, gt=0)
-    intermediate_size: int | None = Field(None, gt=0)
-    context_length: int | None = Field(None, gt=1)
-    rope_theta: float = Field(10_000.0, gt=0)
+    preset: Literal["micro", "tiny", "small"] = Field("micro", description="a shape from MODEL_PRESETS")
+    n_layer: int | None = Field(None, gt=0, le=1024, description="transformer blocks")
+    n_head: int | None = Field(None, gt=0, le=1024, description="attention heads per block")
+    n_embd: int | None = Field(None, gt=0, le=65536, description="width of the residual stream")
+    intermediate_size: int | None = Field(None, gt=0, le=262144, description="SwiGLU hidden width")
+    context_length: int | None = Field(None, gt=1, le=1 << 20, description="tokens the model attends over")
+    rope_theta: float = Field(10_000.0, gt=0, description="base of the rotary position frequencies")
 
     def resolved(self) -> dict[str, int]:
         """The preset with overrides applied (without vocab_size)."""
@@ -139,16 +157,20 @@ class TrainConfig(Section):
         [300, 800, 1600, 2400], min_length=1, description="steps at which a checkpoint is kept"
     )
     batch_size: int = Field(8, gt=0, description="sequences per optimizer step (global)")
-    gradient_accumulation_steps: int = Field(1, gt=0)
+    gradient_accumulation_steps: int = Field(1, gt=0, description="micro-batches per optimizer step")
     optimizer: Literal["adamw", "muon"] = Field(
         "muon", description="muon: Muon on the hidden matrices, AdamW on embeddings and norms"
     )
-    learning_rate: float = Field(4e-3, gt=0, le=1.0)
-    min_learning_rate: float = Field(4e-4, ge=0)
-    warmup_steps: int = Field(50, ge=0)
-    weight_decay: float = Field(0.1, ge=0)
-    beta1: float = Field(0.9, ge=0, lt=1)
-    beta2: float = Field(0.95, ge=0, lt=1)
+    schedule: Literal["wsd", "cosine"] = Field(
+        "wsd", description="wsd: warmup, stable at the peak, linear decay over the last decay_fraction "
+                           "(a longer run extends a shorter one); cosine: decay from warmup to max_steps")
+    decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: share of max_steps spent decaying")
+    learning_rate: float = Field(4e-3, gt=0, le=1.0, description="peak learning rate, after warmup")
+    min_learning_rate: float = Field(4e-4, ge=0, description="learning rate at max_steps")
+    warmup_steps: int = Field(50, ge=0, description="steps of linear warmup from 0")
+    weight_decay: float = Field(0.1, ge=0, le=10, description="on matrices only")
+    beta1: float = Field(0.9, ge=0, lt=1, description="AdamW momentum (and Muon's)")
+    beta2: float = Field(0.95, ge=0, lt=1, description="AdamW second-moment decay")
     grad_clip: float = Field(1.0, ge=0, description="max gradient norm; 0 = off")
     eval_interval: int = Field(400, gt=0, description="steps between validation evaluations")
     eval_batches: int = Field(16, gt=0, description="validation batches per evaluation")
@@ -159,11 +181,14 @@ class TrainConfig(Section):
         0, ge=0, description="non-finite losses skipped in a row before stopping; 0 = stop at once"
     )
     resume_interval: int = Field(200, gt=0, description="steps between resumable state saves")
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    compile: Literal["auto", "true", "false"] = "auto"
-    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
-    gradient_checkpointing: bool = False
-    seed: int = 1337
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 where supported")
+    compile: Literal["auto", "true", "false"] = Field(
+        "auto", description="torch.compile; auto: on GPUs, and on CPUs with a C++ compiler")
+    deterministic: bool = Field(
+        True, description="bit-identical reruns on one machine (PyTorch's deterministic algorithms)")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$", description="auto: CUDA when present")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
+    seed: int = Field(1337, ge=0, le=MAX_SEED, description="model initialisation and data order")
     sample_tokens: int = Field(48, ge=0, description="tokens sampled at each evaluation")
 
     @field_validator("compile", mode="before")
@@ -179,6 +204,8 @@ class TrainConfig(Section):
             raise ValueError(f"train.checkpoint_steps={steps} must all be positive")
         if steps != sorted(set(steps)):
             raise ValueError(f"train.checkpoint_steps={steps} must be increasing, without repeats")
+        if any(isinstance(s, bool) for s in steps):
+            raise ValueError(f"train.checkpoint_steps={steps} must be integers")
         if steps[-1] > self.max_steps:
             raise ValueError(
                 f"train.checkpoint_steps={steps} has a step beyond train.max_steps={self.max_steps}"
@@ -203,13 +230,16 @@ class TrainConfig(Section):
 class SamplingConfig(Section):
     temperature: float = Field(0.8, ge=0, le=5, description="0 = greedy")
     top_k: int = Field(50, ge=0, description="0 = off")
-    top_p: float = Field(0.95, gt=0, le=1)
-    max_new_tokens: int = Field(64, gt=0, le=4096)
-    seed: int = 0
+    top_p: float = Field(0.95, gt=0, le=1, description="1 = off")
+    max_new_tokens: int = Field(64, gt=0, le=4096, description="tokens generated per prompt")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="same seed, same text")
 
 
 class EvaluateConfig(Section):
     batch_size: int = Field(8, gt=0, description="windows per forward pass")
+    max_tokens: int | None = Field(
+        None, gt=1, description="score only the first N validation tokens (quick experiments); null = all")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$", description="auto: CUDA when present")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 autocast where supported (as in training), else fp32"
     )

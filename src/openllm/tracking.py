@@ -2,8 +2,8 @@
 
 The default store is ``sqlite:///<repo>/mlflow.db`` with an absolute path, so stages run by
 ``dvc repro``, ``dvc exp run`` (in a temporary copy of the repo) and Prefect all land in the same
-store; ``MLFLOW_TRACKING_URI`` overrides it. The training run's id is written next to the
-checkpoints so that evaluate and export log into the same run.
+store; ``MLFLOW_TRACKING_URI`` overrides it. The training run's id is kept beside the checkpoint
+folder (not inside it: run ids differ between runs) so that evaluate and export log into that run.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-RUN_ID_FILE = "mlflow_run_id"
+from .paths import run_id_path
+
 logging.getLogger("alembic").setLevel(logging.WARNING)  # MLflow's schema migrations are chatty
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"  # UI: training view
 
@@ -137,8 +138,13 @@ def run_tags(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def read_run_id(checkpoints_dir: Path) -> str | None:
-    path = Path(checkpoints_dir) / RUN_ID_FILE
-    return path.read_text().strip() if path.is_file() else None
+    """The MLflow run that trained the checkpoints in ``checkpoints_dir`` (None if unknown)."""
+    path = run_id_path(checkpoints_dir)
+    return path.read_text().strip() or None if path.is_file() else None
+
+
+def write_run_id(checkpoints_dir: Path, run_id: str) -> None:
+    run_id_path(checkpoints_dir).write_text(run_id + "\n")
 
 
 def open_run(mlflow, run_id: str | None, log_system_metrics: bool = False, run_name: str | None = None):
