@@ -33,13 +33,16 @@ class QueueFull(Exception):
 class Ticket:
     """One request's rows on their way through a scheduler, and the events they produce.
 
-    Events (read with ``await ticket.events.get()``): ``("piece", row index, text)``,
-    ``("end", row index, None)`` once a row has finished, then ``("done", outcome, None)`` with
-    outcome ``"ok"``, ``"timeout"``, ``"cancelled"`` or ``"error"``.
+    Events (read with ``await ticket.events.get()``): with ``stream``, ``("piece", row index,
+    text)`` as text is ready and ``("end", row index, None)`` once a row has finished; always
+    ``("done", outcome, None)`` at the end, with outcome ``"ok"``, ``"timeout"``,
+    ``"cancelled"`` or ``"error"``. Events of one decode step arrive together.
     """
 
-    def __init__(self, rows: Sequence[Row], deadline: float, loop: asyncio.AbstractEventLoop) -> None:
-        self.rows, self.deadline, self._loop = list(rows), deadline, loop
+    def __init__(self, rows: Sequence[Row], deadline: float, loop: asyncio.AbstractEventLoop,
+                 stream: bool = True) -> None:
+        self.rows, self.deadline, self._loop, self.stream = list(rows), deadline, loop, stream
+        self._outbox: list[tuple[str, Any, Any]] = []
         self.events: asyncio.Queue[tuple[str, Any, Any]] = asyncio.Queue()
         self.cancelled = False  # set by the server when the client has gone
         self.admitted = 0  # rows that have joined the batch
@@ -49,10 +52,16 @@ class Ticket:
         self.cancelled = True
 
     def _send(self, kind: str, value: Any, extra: Any = None) -> None:
-        try:
-            self._loop.call_soon_threadsafe(self.events.put_nowait, (kind, value, extra))
-        except RuntimeError:  # the event loop has closed: the server is stopping
-            pass
+        self._outbox.append((kind, value, extra))
+
+    def _flush(self) -> None:
+        """Hand the events gathered in this step to the event loop, in one wake-up."""
+        events, self._outbox = self._outbox, []
+        if events:
+            try:
+                self._loop.call_soon_threadsafe(_put_all, self.events, events)
+            except RuntimeError:  # the event loop has closed: the server is stopping
+                pass
 
     def _finish(self, outcome: str) -> None:
         if self.outcome is None:
@@ -60,6 +69,12 @@ class Ticket:
             for row in self.rows:
                 row.cancel(outcome)
             self._send("done", outcome)
+            self._flush()
+
+
+def _put_all(queue: asyncio.Queue, events: list[tuple[str, Any, Any]]) -> None:
+    for event in events:
+        queue.put_nowait(event)
 
 
 class Scheduler:
@@ -160,13 +175,17 @@ class Scheduler:
         for ticket in self._active:
             if ticket.outcome is None:
                 for index, row in enumerate(ticket.rows[: ticket.admitted]):
-                    for piece in row.take_pieces():
-                        ticket._send("piece", index, piece)
+                    pieces = row.take_pieces()
+                    if ticket.stream:
+                        for piece in pieces:
+                            ticket._send("piece", index, piece)
                     if row.finish is not None and id(row) not in self._reported:
                         self._reported.add(id(row))
-                        ticket._send("end", index)
+                        if ticket.stream:
+                            ticket._send("end", index)
                 if all(id(row) in self._reported for row in ticket.rows):
                     ticket._finish("ok")
+                ticket._flush()
             if ticket.outcome is None:
                 still.append(ticket)
             else:

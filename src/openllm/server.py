@@ -249,8 +249,8 @@ async def run_ticket(request: Request, scheduler: Scheduler, job: Job) -> Ticket
     return ticket
 
 
-def submit(scheduler: Scheduler, job: Job) -> Ticket:
-    ticket = Ticket(job.rows, time.monotonic() + job.timeout, asyncio.get_running_loop())
+def submit(scheduler: Scheduler, job: Job, stream: bool = False) -> Ticket:
+    ticket = Ticket(job.rows, time.monotonic() + job.timeout, asyncio.get_running_loop(), stream)
     try:
         scheduler.submit(ticket)
     except QueueFull:
@@ -275,7 +275,7 @@ async def stream_events(request: Request, scheduler: Scheduler, job: Job, head: 
                         include_usage: bool, metrics: Metrics) -> AsyncIterator[str]:
     """Server-sent events of a streamed completion: pieces of all choices as they come."""
     started = time.perf_counter()
-    ticket = submit(scheduler, job)
+    ticket = submit(scheduler, job, stream=True)
     try:
         while True:
             kind, value, piece = await ticket.events.get()
