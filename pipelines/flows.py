@@ -38,11 +38,13 @@ from prefect.cache_policies import NO_CACHE
 from openllm.config import CHECKPOINTS_DIR, METRICS_DIR, DataConfig, HFSource, Params, parse_params
 from openllm.fileio import sha256_file
 from openllm.tracking import read_run_id
+from ops.processes import stop_group
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SUMMARY_ARTIFACT = "openllm-pipeline-summary"  # key of the markdown artifact each run publishes
 SOURCE_RECORD = Path(".dvc/tmp/openllm-source.json")  # fingerprint of the source last trained on
 STDERR_TAIL_LINES = 15  # stderr lines quoted in a failed stage's error
+STOP_GRACE_SECONDS = 15  # a cancelled stage's time to save and exit after SIGINT (within Prefect's 30 s)
 METRICS = ("val_loss", "val_bits_per_byte", "val_perplexity")
 
 _RUNNING = re.compile(r"Running stage '([^']+)'")
@@ -163,21 +165,31 @@ def run_stage(
     ran: list[str] = []
     experiment: str | None = None
     stderr_tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
+    # Its own session: cancelling the flow run (Prefect interrupts this process) ends DVC and
+    # every process under it as one group, and a group-wide signal aimed at the flow run's
+    # process reaches DVC only through us.
     with subprocess.Popen(
         command, cwd=root, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True, errors="replace",
+        stderr=subprocess.PIPE, text=True, errors="replace", start_new_session=True,
     ) as process:
-        for name, line in _stream_lines(process):
-            if not line.strip():
-                continue
-            logger.info("%s", line)
-            if name == "stderr":
-                stderr_tail.append(line)
-            if match := _RUNNING.search(line):
-                ran.append(match.group(1))
-            if match := _EXPERIMENT.search(line):
-                experiment = match.group(1)
-        returncode = process.wait()
+        try:
+            for name, line in _stream_lines(process):
+                if not line.strip():
+                    continue
+                logger.info("%s", line)
+                if name == "stderr":
+                    stderr_tail.append(line)
+                if match := _RUNNING.search(line):
+                    ran.append(match.group(1))
+                if match := _EXPERIMENT.search(line):
+                    experiment = match.group(1)
+            returncode = process.wait()
+        except BaseException:  # cancelled (TerminationSignal), interrupted, or a bug above
+            logger.warning("stopping %s and its children (process group %d)", command[1:3], process.pid)
+            sent = stop_group(process, grace=STOP_GRACE_SECONDS)
+            logger.warning("process group %d ended (sent %s)", process.pid, ", ".join(sent) or "nothing")
+            raise
+        stop_group(process, grace=STOP_GRACE_SECONDS)  # anything DVC's command left running
     if returncode:
         raise StageError(stage, returncode, stderr_tail)
     return {"stage": stage, "ran": ran, "experiment": experiment}

@@ -48,7 +48,7 @@ def prefect_api(tmp_path_factory) -> PrefectApi:
     home = tmp_path_factory.mktemp("prefect-server")
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
-    env = subprocess_env(
+    settings = dict(
         PREFECT_HOME=str(home / "home"),
         PREFECT_SERVER_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home / 'prefect.db'}",
         PREFECT_UI_ENABLED="false",
@@ -60,10 +60,11 @@ def prefect_api(tmp_path_factory) -> PrefectApi:
         PYTHONUNBUFFERED="1",
     )
     service = Service("prefect server", home / "server.log")
-    service.start([str(VENV_BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env)
+    service.start([str(VENV_BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                  subprocess_env(**settings))
     try:
         wait_until("Prefect server", lambda: httpx.get(f"{url}/health").status_code == 200, 120, service.tail)
-        yield PrefectApi(url, env, home, service)
+        yield PrefectApi(url, settings, home, service)
     finally:
         service.stop()
 

@@ -96,7 +96,7 @@ class TrackingServer:
 @dataclass
 class PrefectApi:
     url: str
-    env: dict[str, str]
+    settings: dict[str, str]  # environment variables of the server and its clients
     home: Path
     service: Service
 
