@@ -12,10 +12,11 @@ from pathlib import Path
 import torch
 
 from helpers import TINY_DOCS
-from openllm.checkpoint import save_checkpoint, step_folder
+from openllm.checkpoint import CheckpointMeta, save_checkpoint, step_folder
 from openllm.config import ExportConfig, SamplingConfig, TokenizerConfig
 from openllm.data import shakespeare_documents
 from openllm.export import export_checkpoint
+from openllm.fileio import sha256_file
 from openllm.model import GPT, GPTConfig
 from openllm.tokenizer import load_tokenizer, train_tokenizer
 
@@ -42,7 +43,12 @@ def build_checkpoint(checkpoints_dir: Path, step: int = 10, val_loss: float = 5.
     torch.manual_seed(seed)
     shape = dict(context_length=CONTEXT, n_layer=2, n_head=4, n_embd=32, intermediate_size=64)
     model = GPT(GPTConfig(vocab_size=vocab, **shape))
-    meta = {"step": step, "val_loss": val_loss, "tokens_seen": step * 1024}
+    meta = CheckpointMeta(
+        step=step, tokens_seen=step * 1024, train_loss=val_loss, val_loss=val_loss,
+        parameters=model.num_parameters(), params_sha256="0" * 64, resume_key="test", learning_rates_sha256="0" * 64,
+        data_sha256="0" * 64, tokenizer_sha256=sha256_file(tokenizer_path), bytes_per_token_val=3.0,
+        threads=1, world_size=1, precision="fp32", compiled=False,
+    )
     return save_checkpoint(folder, model, tokenizer_path, meta=meta)
 
 
