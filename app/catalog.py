@@ -26,6 +26,7 @@ import streamlit as st
 from openllm.config import EXPORT_DIR, METRICS_DIR, AppConfig, ConfigError, load_params
 from openllm.errors import OpenLLMError
 from openllm.fileio import read_json
+from openllm.inspection import AttentionModel, InspectionError
 from openllm.runtime import CONFIG_FILE, REGISTRY_PREFIX, ModelLoadError, OnnxGenerator
 from openllm.sampling import Sampling
 
@@ -177,6 +178,14 @@ def load_generator(spec: str, version: str, uri: str) -> OnnxGenerator:
     return generator
 
 
+@st.cache_resource(max_entries=_cache_size(), show_spinner=False)
+def load_attention(spec: str, version: str) -> AttentionModel:
+    """The attention variant of an export folder (``model.attention.onnx``), cached like generators."""
+    if spec.startswith(REGISTRY_PREFIX):
+        raise InspectionError(f"{spec}: registered versions hold no attention model; pick an export folder")
+    return AttentionModel(spec)
+
+
 def default_sampling(checkpoints: list[Checkpoint]) -> Sampling:
     """The sampling the first export was made with (params.yaml ``evaluate.sampling``)."""
     for checkpoint in checkpoints:
@@ -235,6 +244,7 @@ def checkpoint_row(root: Path, checkpoint: Checkpoint, mlflow_ui_url: str | None
         "bits per byte": _number(known.get("val_bits_per_byte")),
         "parameters": known.get("parameters"),
         "context length": known.get("context_length"),
+        "bias gap (nats)": _number(known.get("bias_gap_mean_nats")),
         "MLflow run": run_id,
     }
     if mlflow_ui_url:

@@ -51,7 +51,7 @@ def make_project(root: Path) -> Path:
         loss = 6.0 - step / 10
         figures = {"step": step, "tokens_seen": step * 1024, "parameters": 43_000, "context_length": 128,
                    "val_loss": loss, "val_perplexity": 2.718281828**loss, "val_bits_per_byte": loss / 2,
-                   "mlflow_run_id": RUN_ID}
+                   "mlflow_run_id": RUN_ID, "bias_gap_mean_nats": step / 10 - 1.5}
         (metrics / "evaluate" / f"step-{step}.json").write_text(json.dumps(figures))
     (metrics / "train_steps.tsv").write_text(
         "step\ttrain_loss\tlearning_rate\tgrad_norm\ttokens_per_second\ttokens_seen\n"
@@ -204,6 +204,7 @@ def test_checkpoints_page(app: AppTest) -> None:
     assert list(table["val loss"]) == pytest.approx([5.0, 4.0])
     assert list(table["bits per byte"]) == pytest.approx([2.5, 2.0])
     assert list(table["context length"]) == [128, 128]
+    assert list(table["bias gap (nats)"]) == pytest.approx([-0.5, 0.5])
     assert list(table["MLflow run"]) == [RUN_ID, RUN_ID]
     assert list(table["MLflow link"]) == [f"{MLFLOW_UI}/#/runs/{RUN_ID}"] * 2
     charts = app.main.get("vega_lite_chart")
@@ -249,7 +250,7 @@ def test_generator_sessions_are_cached_and_bounded(project: Path, monkeypatch) -
 
 
 def test_the_app_never_imports_torch(project: Path, tmp_path: Path) -> None:
-    """A fresh interpreter runs both pages and a generation: PyTorch stays unloaded."""
+    """A fresh interpreter runs every page and a generation: PyTorch stays unloaded."""
     script = textwrap.dedent(f"""
         import sys
         from streamlit.testing.v1 import AppTest
@@ -259,6 +260,9 @@ def test_the_app_never_imports_torch(project: Path, tmp_path: Path) -> None:
         assert len(app.columns) == 2 and not app.exception, app
         app.switch_page({CHECKPOINTS_PAGE!r}).run()
         assert not app.exception, app.exception
+        app.switch_page("views/inspect.py").run()
+        app.text_area[0].input("ROMEO:\\nBut, soft!").run()
+        assert not app.exception and app.main.get("vega_lite_chart"), app
         print("torch" in sys.modules)
     """)
     env = {"OPENLLM_ROOT": str(project), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}

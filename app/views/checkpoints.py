@@ -23,6 +23,9 @@ columns = {
         format="%.3f", help="loss per UTF-8 byte: compares models with different tokenizers"),
     "parameters": st.column_config.NumberColumn(format="localized"),
     "context length": st.column_config.NumberColumn(format="%d"),
+    "bias gap (nats)": st.column_config.NumberColumn(
+        format="%+.2f", help="bias probe: mean of log p(masculine) - log p(feminine) over its minimal pairs; "
+                             "> 0 leans masculine (see the docs, chapter 5, for what it cannot tell)"),
     "MLflow run": st.column_config.TextColumn(help="the training run the checkpoint came from"),
 }
 if settings.mlflow_ui_url:
