@@ -16,7 +16,7 @@ from streamlit.delta_generator import DeltaGenerator
 import catalog
 from openllm.errors import OpenLLMError
 from openllm.runtime import GenerationResult
-from openllm.sampling import Sampling
+from openllm.sampling import MAX_TEMPERATURE, Sampling
 
 MAX_PICKS = 4
 SEED_MAX = 2**31 - 1
@@ -41,7 +41,7 @@ def sampling_controls(defaults: Sampling, max_new_tokens: int) -> Sampling:
     """The sidebar's sliders; bounds are Sampling's, defaults the export's own sampling."""
     st.sidebar.header("Sampling")
     temperature = st.sidebar.slider(
-        "Temperature", 0.0, 5.0, within(float(defaults.temperature), 0.0, 5.0), 0.05,
+        "Temperature", 0.0, MAX_TEMPERATURE, within(float(defaults.temperature), 0.0, MAX_TEMPERATURE), 0.05,
         help="0 always takes the most likely token (greedy); higher values take more risks.",
     )
     top_k = st.sidebar.number_input(

@@ -9,6 +9,7 @@ what is allowed, before any stage writes or deletes a file.
 from __future__ import annotations
 
 from .errors import OpenLLMError
+from .sampling import MAX_NEW_TOKENS, MAX_TEMPERATURE
 
 import hashlib
 import json
@@ -228,10 +229,10 @@ class TrainConfig(Section):
 
 
 class SamplingConfig(Section):
-    temperature: float = Field(0.8, ge=0, le=5, description="0 = greedy")
+    temperature: float = Field(0.8, ge=0, le=MAX_TEMPERATURE, description="0 = greedy")
     top_k: int = Field(50, ge=0, description="0 = off")
     top_p: float = Field(0.95, gt=0, le=1, description="1 = off")
-    max_new_tokens: int = Field(64, gt=0, le=4096, description="tokens generated per prompt")
+    max_new_tokens: int = Field(64, gt=0, le=MAX_NEW_TOKENS, description="tokens generated per prompt")
     seed: int = Field(0, ge=0, le=MAX_SEED, description="same seed, same text")
 
 

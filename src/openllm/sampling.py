@@ -12,6 +12,13 @@ from dataclasses import dataclass
 import numpy as np
 
 
+# The bounds of every sampling setting, here only: params.yaml's evaluate.sampling (openllm.config),
+# the app's controls and the runtime check against them. The HTTP server takes OpenAI's narrower
+# temperature range (0 to 2) at its edge.
+MAX_TEMPERATURE = 5.0
+MAX_NEW_TOKENS = 4096
+
+
 @dataclass(frozen=True)
 class Sampling:
     """How to pick tokens. ``temperature == 0`` means greedy (argmax)."""
@@ -25,14 +32,14 @@ class Sampling:
     def __post_init__(self) -> None:
         if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)):
             raise ValueError(f"temperature={self.temperature!r} must be a finite number")
-        if not 0 <= self.temperature <= 5:
-            raise ValueError(f"temperature={self.temperature} must be between 0 and 5")
+        if not 0 <= self.temperature <= MAX_TEMPERATURE:
+            raise ValueError(f"temperature={self.temperature} must be between 0 and {MAX_TEMPERATURE:g}")
         if not (isinstance(self.top_k, int) and self.top_k >= 0):
             raise ValueError(f"top_k={self.top_k!r} must be a non-negative integer")
         if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
             raise ValueError(f"top_p={self.top_p!r} must be in (0, 1]")
-        if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens > 0):
-            raise ValueError(f"max_new_tokens={self.max_new_tokens!r} must be a positive integer")
+        if not (isinstance(self.max_new_tokens, int) and 0 < self.max_new_tokens <= MAX_NEW_TOKENS):
+            raise ValueError(f"max_new_tokens={self.max_new_tokens!r} must be an integer from 1 to {MAX_NEW_TOKENS}")
 
 
 def sample_next(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> np.ndarray:
