@@ -10,7 +10,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup run test results app serve bench clean docs docs-serve
+.PHONY: setup run exp-show mlflow-ui test results app serve bench clean docs docs-serve
 
 $(STAMP): pyproject.toml
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -20,8 +20,15 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-run: setup  ## build every stage of dvc.yaml that is out of date
+run: setup  ## check params.yaml, then build every stage of dvc.yaml that is out of date
+	python -m openllm check
 	dvc repro
+
+mlflow-ui: setup  ## the MLflow UI over mlflow.db on http://127.0.0.1:5000 (this machine only)
+	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+exp-show: setup  ## compare experiments: the summary metrics and the params that differ
+	dvc exp show --only-changed --drop 'Created|State|Executor' --precision 4
 
 test: setup  ## the test suite (tiny models, real DVC/MLflow/Prefect/onnxruntime)
 	python -m pytest
@@ -42,14 +49,14 @@ app: setup  ## the Streamlit comparison app on http://127.0.0.1:8501 (every mode
 serve: setup  ## OpenAI-compatible HTTP server for every model in models/export (params.yaml serve: 127.0.0.1:8000)
 	python -m openllm serve
 
-bench: setup  ## benchmarks -> bench/results/*.json and README's Benchmarks section (about 45 min on 2 cores)
+bench: setup  ## benchmarks -> bench/results/*.json and bench/results/README.md (about 45 min on 2 cores)
 	python bench/training.py --out bench/results/training.json
 	python bench/tokenizer.py --out bench/results/tokenizer.json
 	python bench/generation.py --out bench/results/generation.json --workdir bench/.work
 	python bench/server_load.py --model bench/.work/export/step-0 --out bench/results/server.json
 	python bench/gpu.py --out bench/results/gpu.json
 	python bench/pipeline.py --out bench/results/pipeline.json
-	python bench/report.py --readme README.md
+	python bench/report.py
 
 clean:  ## remove pipeline outputs (keeps .venv)
 	rm -rf data/raw data/tokenized models/checkpoints models/export mlflow.db mlartifacts

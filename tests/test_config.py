@@ -70,6 +70,24 @@ BAD_OVERRIDES = {
         {"mlflow": {"registered_model": "my model"}}, ["mlflow.registered_model='my model'"]),
     "port_out_of_range": ({"serve": {"port": 70000}}, ["serve.port=70000"]),
     "section_is_a_list": ({"train": [1, 2]}, ["train="]),
+    # strict types and finite numbers: what YAML would otherwise turn into a wrong value
+    "bool_for_int": ({"train": {"batch_size": True}}, ["train.batch_size=True", "valid integer"]),
+    "string_for_int": ({"train": {"max_steps": "40"}}, ["train.max_steps='40'", "valid integer"]),
+    "float_for_int": ({"train": {"max_steps": 40.0}}, ["train.max_steps=40.0", "valid integer"]),
+    "infinite_weight_decay": ({"train": {"weight_decay": float("inf")}}, ["train.weight_decay=inf", "finite"]),
+    "infinite_rope_theta": ({"model": {"rope_theta": float("inf")}}, ["model.rope_theta=inf", "finite"]),
+    "nan_learning_rate": ({"train": {"learning_rate": float("nan")}}, ["train.learning_rate=nan", "finite"]),
+    "seed_too_big": ({"train": {"seed": 2**64}}, ["train.seed=18446744073709551616", "4294967295"]),
+    "negative_sampling_seed": ({"evaluate": {"sampling": {"seed": -1}}}, ["evaluate.sampling.seed=-1"]),
+    "context_longer_than_any_corpus": ({"model": {"context_length": 50_000_000}}, ["model.context_length=50000000"]),
+    "bool_checkpoint_step": ({"train": {"checkpoint_steps": [True, 20]}}, ["train.checkpoint_steps"]),
+    "unknown_time_zone": ({"pipeline": {"timezone": "Mars/Olympus"}}, ["pipeline.timezone='Mars/Olympus'"]),
+    "schedule_unknown": ({"train": {"schedule": "linear"}}, ["train.schedule='linear'", "wsd"]),
+    "glob_outside_data_folder": (
+        {"data": {"source": "files", "files": {"glob": "corpus/*.txt"}}},
+        ["data.files.glob='corpus/*.txt' must lie inside data.folder='data/corpus'"]),
+    "glob_climbing_out": (
+        {"data": {"source": "files", "files": {"glob": "data/corpus/../../*.txt"}}}, ["must not contain '..'"]),
 }
 
 
@@ -237,3 +255,41 @@ def test_repository_params_file_is_plain_yaml(repo_root):
     # DVC reads params.yaml too (dvc.yaml `params:`), so it must stay a plain mapping of sections.
     raw = yaml.safe_load((repo_root / "params.yaml").read_text(encoding="utf-8"))
     assert set(raw) == set(Params.model_fields)
+
+
+def test_check_command_validates_the_whole_file_before_anything_runs(tmp_path):
+    """`openllm check` (make run's first step) refuses a typo in a section no stage reads."""
+    write_params(tmp_path, {"trian": {"max_steps": 3}})
+    result = run_openllm("check", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "error: params.yaml: unknown key 'trian' (check the spelling; see params.yaml's comments)"]
+    write_params(tmp_path, {})
+    result = run_openllm("check", cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout.startswith("params.yaml: valid"), result.stderr
+
+
+def _leaves(model_class, values: dict, prefix: str = ""):
+    """(dotted name, field, value in params.yaml) for every leaf field of a section."""
+    from pydantic import BaseModel
+
+    for name, field in model_class.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            yield from _leaves(annotation, values.get(name, {}), f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", field, values.get(name, "<missing>")
+
+
+def test_every_field_is_documented_and_params_yaml_matches_the_defaults():
+    """Each field says what it means once (its description); params.yaml shows every key with
+    the class default, so the two places a value is written can never disagree."""
+    raw = repo_params()
+    missing_descriptions, differing = [], []
+    for name, field, value in _leaves(Params, raw):
+        if not field.description:
+            missing_descriptions.append(name)
+        if value != field.get_default(call_default_factory=True):
+            differing.append(f"{name}: params.yaml {value!r}, config.py {field.get_default(call_default_factory=True)!r}")
+    assert not missing_descriptions, missing_descriptions
+    assert not differing, differing

@@ -88,8 +88,8 @@ def test_evaluation_precision(workspace: Path, tmp_path: Path, precision: str, t
     tokens = np.memmap(workspace / "data/tokenized/val.bin", dtype=np.uint16, mode="r")
     exact = direct_nats(model, tokens) / (len(tokens) - 1)
     cfg = EvaluateConfig(precision=precision, prompts=["Hi"], sampling={"max_new_tokens": 2})
-    metrics = evaluate_checkpoint(workspace / "models/checkpoints/step-5", workspace / "data/tokenized", cfg,
-                                  tmp_path / "m.json", tmp_path / "s.md")
+    metrics, _ = evaluate_checkpoint(workspace / "models/checkpoints/step-5", workspace / "data/tokenized", cfg,
+                                     tmp_path / "m.json", tmp_path / "s.md")
     assert metrics["eval_precision"] == precision
     assert metrics["val_loss"] == pytest.approx(exact, rel=tolerance)
     if precision == "bf16":
@@ -99,16 +99,16 @@ def test_evaluation_precision(workspace: Path, tmp_path: Path, precision: str, t
 def test_evaluate_checkpoint_writes_metrics_and_samples(workspace: Path) -> None:
     cfg = EvaluateConfig(prompts=["Hello", "Café "], sampling={"max_new_tokens": 6, "seed": 3})
     out = workspace / "metrics"
-    metrics = evaluate_checkpoint(workspace / "models/checkpoints/step-5", workspace / "data/tokenized", cfg,
-                                  out / "evaluate/step-5.json", out / "samples/step-5.md")
+    metrics, timings = evaluate_checkpoint(workspace / "models/checkpoints/step-5", workspace / "data/tokenized",
+                                           cfg, out / "evaluate/step-5.json", out / "samples/step-5.md")
     saved = json.loads((out / "evaluate/step-5.json").read_text())
-    assert saved == pytest.approx(metrics)
+    assert saved == metrics and timings["eval_tokens_per_second"] > 0  # timings: MLflow only
     val_text = json.loads((workspace / "data/raw/val.jsonl").read_text().splitlines()[0])["text"]
     assert saved["val_bytes"] == len(val_text.encode("utf-8")) != len(val_text)  # non-ASCII corpus
     assert saved["val_perplexity"] == pytest.approx(math.exp(saved["val_loss"]))
     assert saved["val_bits_per_byte"] == pytest.approx(
         saved["val_loss"] * saved["val_tokens"] / (math.log(2) * saved["val_bytes"]))
-    assert saved["step"] == 5 and saved["tokens_seen"] == 640 and saved["eval_tokens_per_second"] > 0
+    assert saved["step"] == 5 and saved["tokens_seen"] == 640 and "eval_tokens_per_second" not in saved
     samples = (out / "samples/step-5.md").read_text()
     assert samples.count("**Greedy**") == 2 and samples.count("**Sampled**") == 2
     assert "Prompt: 'Café'" in samples
@@ -116,6 +116,19 @@ def test_evaluate_checkpoint_writes_metrics_and_samples(workspace: Path) -> None
     evaluate_checkpoint(workspace / "models/checkpoints/step-5", workspace / "data/tokenized", cfg,
                         out / "evaluate/again.json", out / "samples/again.md")
     assert (out / "samples/again.md").read_text() == samples
+    assert (out / "evaluate/again.json").read_bytes() == (out / "evaluate/step-5.json").read_bytes()
+
+
+def test_max_tokens_scores_the_start_of_the_split(workspace: Path, tmp_path: Path) -> None:
+    """evaluate.max_tokens: a quick look at the first N validation tokens, scored the same way."""
+    model = ckpt.load_model(workspace / "models/checkpoints/step-5")
+    tokens = np.memmap(workspace / "data/tokenized/val.bin", dtype=np.uint16, mode="r")
+    cfg = EvaluateConfig(precision="fp32", max_tokens=40, prompts=["Hi"], sampling={"max_new_tokens": 2})
+    metrics, _ = evaluate_checkpoint(workspace / "models/checkpoints/step-5", workspace / "data/tokenized", cfg,
+                                     tmp_path / "m.json", tmp_path / "s.md")
+    assert metrics["val_tokens"] == 39 and "first 40 tokens" in metrics["val_protocol"]
+    assert metrics["val_loss"] == pytest.approx(direct_nats(model, np.asarray(tokens[:40])) / 39, rel=1e-9)
+    assert 0 < metrics["val_bytes"] < json.loads((workspace / "data/tokenized/meta.json").read_text())["val"]["bytes"]
 
 
 def test_missing_or_corrupt_checkpoint_is_a_clear_error(workspace: Path, tmp_path: Path) -> None:
@@ -156,11 +169,16 @@ def test_metrics_go_into_the_training_run(workspace: Path, tmp_path: Path, monke
     samples = tmp_path / "step-5.md"
     samples.write_text("# samples\n")
     metrics = {"step": 5, "val_loss": 3.0, "val_perplexity": math.exp(3), "val_bits_per_byte": 1.5,
-               "eval_tokens_per_second": 100.0, "mlflow_run_id": run.info.run_id}
-    log_to_mlflow("evaluate-test", metrics, samples)
+               "eval_tokens_per_second": 100.0}
+    checkpoints = tmp_path / "models" / "checkpoints"
+    checkpoints.parent.mkdir()
+    tracking.write_run_id(checkpoints, run.info.run_id)
+    log_to_mlflow("evaluate-test", checkpoints, metrics, samples)
     client = mlflow.tracking.MlflowClient()
     history = client.get_metric_history(run.info.run_id, "eval_val_bits_per_byte")
     assert [(m.step, m.value) for m in history] == [(5, 1.5)]
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "eval_tokens_per_second")] == [100.0]
+    assert not any(k.startswith("eval_eval_") for k in client.get_run(run.info.run_id).data.metrics)
     assert [a.path for a in client.list_artifacts(run.info.run_id, "samples")] == ["samples/step-5.md"]
 
 
@@ -170,12 +188,16 @@ def test_report_adds_plots_and_table_to_the_training_run(tmp_path: Path, monkeyp
     from openllm.report import build_report, log_to_mlflow as report_to_mlflow
 
     metrics = tmp_path / "metrics"
-    for step, bpb in ((10, 2.5), (20, 2.0)):
+    for step, bpb in ((10, 2.5), (20, 2.0), (30, 2.1)):
         write_json(metrics / "evaluate" / f"step-{step}.json",
-                   {"step": step, "tokens_seen": step * 64, "val_loss": bpb * 1.5,
+                   {"step": step, "tokens_seen": step * 64, "val_loss": bpb * 1.5, "parameters": 1000,
                     "val_perplexity": math.exp(bpb * 1.5), "val_bits_per_byte": bpb})
-    report = build_report(metrics, [10, 20])
+    report = build_report(metrics, [10, 20, 30])
     assert [p.name for p in report["plots"]] == ["bits_per_byte.png"]  # no training TSVs here
+    summary = json.loads((metrics / "summary.json").read_text())
+    assert list(summary["final"])[0] == "val_bits_per_byte"  # the headline comes first
+    assert summary["final"]["step"] == 30 and summary["best"]["step"] == 20
+    assert summary["best"]["val_bits_per_byte"] == 2.0 and summary["parameters"] == 1000
     mlflow = tracking.setup("report-test")
     with mlflow.start_run() as run:
         pass
@@ -185,3 +207,21 @@ def test_report_adds_plots_and_table_to_the_training_run(tmp_path: Path, monkeyp
     assert "results.md" in [a.path for a in client.list_artifacts(run.info.run_id)]
     assert not report_to_mlflow("report-test", "0" * 32, metrics, report["plots"])  # unknown run: skipped
     assert not report_to_mlflow("report-test", None, metrics, report["plots"])
+
+
+def test_report_removes_outputs_of_unlisted_checkpoints(tmp_path: Path) -> None:
+    from openllm.report import remove_unlisted
+
+    metrics, exports = tmp_path / "metrics", tmp_path / "models" / "export"
+    for step in (10, 20):
+        write_json(metrics / "evaluate" / f"step-{step}.json", {"step": step})
+        (metrics / "samples").mkdir(parents=True, exist_ok=True)
+        (metrics / "samples" / f"step-{step}.md").write_text("samples")
+        (exports / f"step-{step}").mkdir(parents=True)
+        (exports / f"step-{step}" / "model.onnx").write_bytes(b"onnx")
+    (exports / "notes").mkdir()  # not a step folder: never touched
+    removed = remove_unlisted(metrics, exports, [20])
+    assert [p.relative_to(tmp_path).as_posix() for p in removed] == [
+        "metrics/evaluate/step-10.json", "metrics/samples/step-10.md", "models/export/step-10"]
+    assert sorted(p.name for p in exports.iterdir()) == ["notes", "step-20"]
+    assert (metrics / "evaluate" / "step-20.json").is_file()

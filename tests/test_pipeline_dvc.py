@@ -8,6 +8,7 @@ import random
 import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 import yaml
@@ -97,8 +98,11 @@ def test_download_tokenize_pipeline(dvc_repo):
     assert "tokenizer" not in stages["download"]["params"]["params.yaml"]
     assert [o["path"] for o in stages["download"]["outs"]] == ["data/raw"]
     assert [o["path"] for o in stages["tokenize"]["outs"]] == ["data/tokenized"]
-    assert {d["path"] for d in stages["tokenize"]["deps"]} == {"data/raw", "src/openllm/tokenizer.py"}
-    assert {d["path"] for d in stages["download"]["deps"]} == {"src/openllm/data.py"}
+    tokenize_deps = {d["path"] for d in stages["tokenize"]["deps"]}
+    assert {"data/raw", "src/openllm/tokenizer.py", "src/openllm/stages/tokenize.py"} <= tokenize_deps
+    assert "src/openllm/data.py" not in tokenize_deps  # the tokenizer does not run the download code
+    download_deps = {d["path"] for d in stages["download"]["deps"]}
+    assert {"corpus", "src/openllm/data.py", "src/openllm/stages/download.py"} <= download_deps
     lock_before = (repo / "dvc.lock").read_bytes()
     files_before = snapshot_tree(repo / "data")
 
@@ -128,14 +132,24 @@ def test_download_tokenize_pipeline(dvc_repo):
     assert stages["tokenize"]["params"]["params.yaml"]["tokenizer"]["vocab_size"] == 400
     assert stages["download"] == yaml.safe_load(lock_before)["stages"]["download"]
 
+    # 4. The corpus files are dependencies: an edit and a new file both show, and rerun download.
+    assert "up to date" in run("dvc", "status", *STAGES).stdout
+    (repo / "corpus" / "doc00.txt").write_text(corpus_text(100, 800), encoding="utf-8")
+    assert "changed deps" in run("dvc", "status", "download").stdout
+    (repo / "corpus" / "doc99.txt").write_text(corpus_text(99, 300), encoding="utf-8")
+    fourth = run("dvc", "repro", *STAGES)
+    assert {"download", "tokenize"} <= ran_stages(fourth)
+    manifest = json.loads((raw / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["splits"]["train"]["documents"] + manifest["splits"]["val"]["documents"] == 13
+
 
 def test_stage_error_reaches_dvc(dvc_repo):
     repo, run = dvc_repo
-    write_params(repo, {"data": {"source": "files", "files": {"glob": "no-such-folder/*.txt"}}})
+    write_params(repo, {"data": {"source": "files", "folder": "corpus", "files": {"glob": "corpus/none-*.txt"}}})
     result = run("dvc", "repro", "download", check=False)
     assert result.returncode != 0
     out = result.stdout + result.stderr
-    assert "error: data.files.glob='no-such-folder/*.txt' matches no files" in out
+    assert "error: data.files.glob='corpus/none-*.txt' matches no files" in out
     assert "Traceback" not in out
     assert not (repo / "data" / "raw").exists()
 
@@ -169,14 +183,14 @@ def test_full_pipeline_checkpoints_metrics_plots_and_experiments(dvc_repo, repo_
     # 2. Nothing changed: nothing runs.
     assert ran_stages(run("dvc", "repro")) == set()
 
-    # 3. `dvc metrics show` lists every checkpoint.
+    # 3. `dvc metrics show` has one summary, the same keys whatever the checkpoint steps.
     metrics = json.loads(run("dvc", "metrics", "show", "--json").stdout)
     files = next(iter(metrics.values()))["data"]
-    for step in (10, 20):
-        figures = files[f"metrics/evaluate/step-{step}.json"]["data"]
-        assert figures["step"] == step and figures["val_loss"] > 0
-        assert abs(figures["val_perplexity"] - math.exp(figures["val_loss"])) < 1e-6 * figures["val_perplexity"]
-    assert files["metrics/train.json"]["data"]["steps"] == 20
+    assert list(files) == ["metrics/summary.json"]
+    summary = files["metrics/summary.json"]["data"]
+    assert summary["final"]["step"] == 20 and summary["final"]["val_bits_per_byte"] > 0
+    final = summary["final"]
+    assert abs(final["val_perplexity"] - math.exp(final["val_loss"])) < 1e-6 * final["val_perplexity"]
 
     # 4. `dvc plots show` writes HTML that needs no network (no CDN script).
     run("dvc", "plots", "show", "-o", "plots-html")
@@ -184,13 +198,15 @@ def test_full_pipeline_checkpoints_metrics_plots_and_experiments(dvc_repo, repo_
     assert "<script" in html and not re.search(r"<script[^>]+src=[\"']https?:", html), html[:2000]
     assert "val_bits_per_byte" in html and "training_curves.png" in html
 
-    # 5. A new checkpoint step: train resumes from step 20; only the new step is evaluated and exported.
+    # 5. More steps: train continues from the 20-step run's decay start (step 16); step-20 is
+    # trained again (a 30-step run is still at its peak there), step-10 is kept as it was.
     kept = snapshot_tree(repo / "models" / "checkpoints" / "step-10")
     evaluated = (repo / "metrics" / "evaluate" / "step-10.json").read_bytes()
     write_params(repo, deep_merge(TINY, {"train": {"max_steps": 30, "checkpoint_steps": [10, 20, 30]}}))
     third = run("dvc", "repro")
-    assert ran_stages(third) == {"train", "evaluate@30", "export@30", "report"}, third.stdout
-    assert "resuming from" in third.stdout + third.stderr and "(step 20)" in third.stdout + third.stderr
+    assert ran_stages(third) == {"train", "evaluate@20", "evaluate@30", "export@20", "export@30", "report"}, \
+        third.stdout
+    assert "decay-start (step 16)" in third.stdout + third.stderr
     assert snapshot_tree(repo / "models" / "checkpoints" / "step-10") == kept
     assert (repo / "metrics" / "evaluate" / "step-10.json").read_bytes() == evaluated
     steps = [int(line.split("\t")[0]) for line in
@@ -199,9 +215,54 @@ def test_full_pipeline_checkpoints_metrics_plots_and_experiments(dvc_repo, repo_
     run("git", "add", "-A")
     run("git", "commit", "-q", "-m", "30 steps")
 
-    # 6. An experiment with one parameter changed reruns only what reads it.
+    # 6. An experiment with one parameter changed reruns only what reads it, and compares.
     experiment = run("dvc", "exp", "run", "-S", "evaluate.batch_size=3", "-n", "eval-batch-3")
     assert ran_stages(experiment) >= {"evaluate@10", "evaluate@20", "evaluate@30"}
     assert "train" not in ran_stages(experiment) and "tokenize" not in ran_stages(experiment)
     shown = run("dvc", "exp", "show", "--json").stdout
     assert "eval-batch-3" in json.dumps(json.loads(shown)), shown[:2000]
+    # a dropped checkpoint step: its evaluate and export outputs go, the summary keeps its keys
+    write_params(repo, deep_merge(TINY, {"train": {"max_steps": 30, "checkpoint_steps": [10, 30]}}))
+    run("dvc", "repro")
+    assert not (repo / "models" / "export" / "step-20").exists()
+    assert not (repo / "metrics" / "evaluate" / "step-20.json").exists()
+    assert not (repo / "models" / "checkpoints" / "step-20").exists()
+    diff = json.loads(run("dvc", "metrics", "diff", "--json").stdout)
+    assert "final.val_bits_per_byte" in diff["metrics/summary.json"]
+
+
+def test_pull_instead_of_rebuild_and_byte_identical_rebuild(dvc_repo, repo_root, tmp_path):
+    """A DVC remote carries the outputs; a rebuild from scratch gives the same bytes, compiled too."""
+    repo, run = dvc_repo
+    # the default training path: torch.compile (where g++ is) and bf16 where the CPU has it
+    write_params(repo, deep_merge(TINY, {"train": {"compile": "auto", "precision": "auto"}}))
+    run("dvc", "repro")
+    remote = tmp_path / "remote"
+    run("dvc", "remote", "add", "-d", "shared", str(remote))
+    run("dvc", "push")
+    run("git", "add", "-A")
+    run("git", "commit", "-q", "-m", "built")
+    lock = (repo / "dvc.lock").read_bytes()
+
+    clone = tmp_path / "clone"
+    run("git", "clone", "-q", str(repo), str(clone))
+
+    def in_clone(*args: str) -> subprocess.CompletedProcess:
+        env = subprocess_env(PYTHONPATH=str(clone / "src"), DVC_SITE_CACHE_DIR=str(tmp_path / "dvc-site-cache"))
+        result = subprocess.run(args, cwd=clone, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, f"{args}:\n{result.stdout}\n{result.stderr}"
+        return result
+
+    in_clone("dvc", "pull")
+    assert "up to date" in in_clone("dvc", "status").stdout
+    assert ran_stages(in_clone("dvc", "repro")) == set()
+    generated = in_clone(sys.executable, "-m", "openllm", "generate", "--model", "models/export/step-20",
+                         "--temperature", "0", "--max-new-tokens", "5", "Ka")
+    assert generated.stdout.startswith("Ka") and len(generated.stdout.strip()) > 2
+
+    # Rebuild everything from nothing in the clone: the same bytes, so dvc.lock does not change.
+    for folder in ("data/raw", "data/tokenized", "models/checkpoints", "models/export", "metrics"):
+        shutil.rmtree(clone / folder, ignore_errors=True)
+    rebuilt = in_clone("dvc", "repro", "--force")
+    assert "train" in ran_stages(rebuilt)
+    assert (clone / "dvc.lock").read_bytes() == lock

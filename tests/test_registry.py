@@ -57,16 +57,17 @@ def test_versions_tags_and_aliases(store: dict) -> None:
     root, reports = store["root"], store["reports"]
     for step, report in reports.items():
         assert report["mlflow"]["run_id"] == store["run"]
-        assert read_json(root / "export" / f"step-{step}" / "export.json")["mlflow"] == report["mlflow"]
+        # the export folder is a DVC output: registry versions (which differ per run) stay out of it
+        assert "mlflow" not in read_json(root / "export" / f"step-{step}" / "export.json") and report["mlflow"]
     versions = {int(v.version): v for v in registry.list_versions(NAME)}
     assert len(versions) == 2 and all(v.run_id == store["run"] for v in versions.values())
     by_step = {int(v.tags["step"]): number for number, v in versions.items()}
     assert registry.version_figures(versions[by_step[10]]) == {"step": 10.0, "val_loss": 4.0, "val_bits_per_byte": 2.5}
     assert registry.resolve_version(registry.alias_uri(NAME, registry.ALIAS_NEWEST)) == str(by_step[20])
     assert registry.resolve_version(registry.alias_uri(NAME, registry.ALIAS_BEST)) == str(by_step[10])
-    # The manifest carries the evaluation figures and the training run.
+    # The manifest carries the evaluation figures (the training run is the registry's to say).
     manifest = OnnxGenerator.load(root / "export" / "step-10").manifest
-    assert manifest.evaluation["val_bits_per_byte"] == 2.5 and manifest.mlflow_run_id == store["run"]
+    assert manifest.evaluation["val_bits_per_byte"] == 2.5
 
 
 def test_reexport_replaces_the_version_and_aliases_follow(store: dict) -> None:

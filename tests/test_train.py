@@ -682,8 +682,8 @@ def test_ddp_two_processes_match_one_process(tmp_path: Path, tokenized: Path) ->
     assert [r["tokens_seen"] for r in rows] == [r["tokens_seen"] for r in rows_single]
     assert losses(ddp.evals_log(), "val_loss") == pytest.approx(losses(single.evals_log(), "val_loss"), rel=1e-4)
     wa, wb = load_file(str(ddp.step(20) / ckpt.WEIGHTS)), load_file(str(single.step(20) / ckpt.WEIGHTS))
-    for name in wa:  # Muon orthogonalises in bf16: a rounding flip moves a weight by ~1e-4
-        torch.testing.assert_close(wa[name], wb[name], rtol=1e-3, atol=5e-4)
+    for name in wa:  # Muon orthogonalises in bf16: a rounding flip moves a weight by ~1e-4 per step
+        torch.testing.assert_close(wa[name], wb[name], rtol=1e-3, atol=1e-3)
 
     # only rank 0 wrote: one set of checkpoints, one summary line, one MLflow run
     assert sorted(p.name for p in ddp.ck.iterdir()) == ["decay-start", "step-10", "step-20"]

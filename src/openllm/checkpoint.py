@@ -45,23 +45,26 @@ class CheckpointError(OpenLLMError, ValueError):
 
 @dataclass
 class CheckpointMeta:
-    """What ``meta.json`` records about a checkpoint (typed; written and read only here)."""
+    """What ``meta.json`` records about a checkpoint (typed; written and read only here).
+
+    Training fills every field; the defaults serve checkpoints made by hand (tests, benchmarks).
+    """
 
     step: int  # optimizer updates made
-    tokens_seen: int
-    train_loss: float
-    val_loss: float
-    parameters: int
-    params_sha256: str  # the params.yaml settings that shape the weights (train.NOT_IN_RESUME_KEY left out)
-    resume_key: str  # what a run must share to continue from this state (train.resume_key)
-    learning_rates_sha256: str  # the rates of updates 1..step (Schedule.digest): how it got here
-    data_sha256: str
-    tokenizer_sha256: str
-    bytes_per_token_val: float
-    threads: int
-    world_size: int
-    precision: str
-    compiled: bool
+    tokens_seen: int = 0
+    train_loss: float | None = None
+    val_loss: float | None = None
+    parameters: int = 0
+    params_sha256: str = ""  # the params.yaml settings that shape the weights (train.NOT_IN_RESUME_KEY left out)
+    resume_key: str = ""  # what a run must share to continue from this state (train.resume_key)
+    learning_rates_sha256: str = ""  # the rates of updates 1..step (Schedule.digest): how it got here
+    data_sha256: str = ""
+    tokenizer_sha256: str = ""
+    bytes_per_token_val: float | None = None
+    threads: int = 0
+    world_size: int = 1
+    precision: str = "fp32"
+    compiled: bool = False
     early_stopped: bool = False  # a later step's folder holding the weights of an earlier stop
 
     def to_json(self) -> str:
@@ -115,12 +118,13 @@ def save_checkpoint(
     folder: Path,
     model: GPT,
     tokenizer_path: Path,
-    meta: CheckpointMeta,
+    meta: CheckpointMeta | dict[str, Any],
     training_state: dict[str, Any] | None = None,
     replace: bool = False,
 ) -> Path:
     """Write a checkpoint folder atomically (temp folder, fsync, ``COMPLETE`` last, rename)."""
     folder = Path(folder)
+    meta = meta if isinstance(meta, CheckpointMeta) else CheckpointMeta(**meta)  # a typo is a TypeError
     with atomic_dir(folder, replace=replace) as tmp:
         save_model(model, str(tmp / WEIGHTS))
         (tmp / CONFIG).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")

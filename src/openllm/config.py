@@ -42,13 +42,13 @@ class HFSource(Section):
 
     dataset: str | None = Field(None, description="hub id (e.g. 'wikitext') or a local directory")
     config: str | None = Field(None, description="dataset configuration, e.g. 'wikitext-103-raw-v1'")
-    split: str = "train"
+    split: str = Field("train", description="the training split")
     validation_split: str | None = Field(
         "validation", description="the dataset's own validation split; null = hash split"
     )
-    text_column: str = "text"
-    revision: str | None = None
-    streaming: bool = False
+    text_column: str = Field("text", description="the column holding the text")
+    revision: str | None = Field(None, description="a hub revision (branch, tag or commit) to pin")
+    streaming: bool = Field(False, description="stream from the hub instead of downloading everything first")
     max_documents: int | None = Field(None, gt=0, description="cap on training documents")
     max_bytes: int | None = Field(None, gt=0, description="cap on training text, UTF-8 bytes")
     deduplicate: bool = Field(False, description="drop repeated documents (SQuAD contexts)")
@@ -96,8 +96,8 @@ def _check_inside(path: str, folder: str, field: str) -> None:
 
 
 class TokenizerConfig(Section):
-    vocab_size: int = Field(4096, ge=300, le=262_144)
-    model_type: Literal["bpe", "unigram"] = "bpe"
+    vocab_size: int = Field(4096, ge=300, le=262_144, description="SentencePiece pieces")
+    model_type: Literal["bpe", "unigram"] = Field("bpe", description="SentencePiece algorithm")
     training_sentences: int = Field(
         2_000_000, gt=0, description="lines sampled to train SentencePiece (bounds its memory)"
     )
@@ -108,7 +108,7 @@ class TokenizerConfig(Section):
 # Presets fix the shape of the network; the vocabulary comes from the tokenizer.
 MODEL_PRESETS: dict[str, dict[str, int]] = {
     # ~1.3M parameters with a 4,096 vocabulary: the best validation bits per byte after
-    # ~9 minutes of training on 2 CPU cores (README, "Choosing the defaults").
+    # ~9 minutes of training on 2 CPU cores (bench/README.md, "Choosing the defaults").
     "micro": dict(n_layer=4, n_head=4, n_embd=128, intermediate_size=352, context_length=256),
     # ~5.9M parameters with a 4,096 vocabulary: trains on 2 CPU cores in minutes.
     "tiny": dict(n_layer=6, n_head=8, n_embd=256, intermediate_size=704, context_length=256),
@@ -245,7 +245,8 @@ class EvaluateConfig(Section):
         "auto", description="auto: bf16 autocast where supported (as in training), else fp32"
     )
     prompts: list[str] = Field(
-        ["ROMEO:\n", "To be, or not to be", "KING HENRY V:\nOnce more"], min_length=1
+        ["ROMEO:\n", "To be, or not to be", "KING HENRY V:\nOnce more"], min_length=1,
+        description="prompts continued in the samples of every checkpoint"
     )
     sampling: SamplingConfig = SamplingConfig()
 
@@ -286,9 +287,9 @@ class PipelineConfig(Section):
     data_check_cron: str | None = Field(
         "30 * * * *", description="when the data-check deployment looks for a changed source; null = never"
     )
-    timezone: str = "UTC"
-    retries: int = Field(2, ge=0, le=10)
-    retry_delay_seconds: int = Field(10, ge=0)
+    timezone: str = Field("UTC", description="IANA time zone of both crons")
+    retries: int = Field(2, ge=0, le=10, description="per stage, on failure")
+    retry_delay_seconds: int = Field(10, ge=0, description="wait before a retry")
     deployment: str = Field(
         "openllm", min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$", description="name of both deployments"
     )
@@ -314,7 +315,7 @@ class ServeConfig(Section):
     """The HTTP server (``openllm serve``): where it listens and what one request may ask for."""
 
     host: str = Field("127.0.0.1", min_length=1, description="127.0.0.1 = this machine only")
-    port: int = Field(8000, ge=1, le=65535)
+    port: int = Field(8000, ge=1, le=65535, description="TCP port")
     max_prompt_tokens: int = Field(1024, gt=0, description="tokens in one prompt")
     max_tokens: int = Field(512, gt=0, description="largest max_tokens a request may ask for")
     max_body_bytes: int = Field(65536, gt=0, description="request body size, checked before parsing")

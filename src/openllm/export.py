@@ -298,14 +298,26 @@ def export_checkpoint(
             report["huggingface"] = check_hf_folder(tmp / HF_DIR, model, tokenizer, [FALLBACK_TEXT, *TOKENIZER_PROBES])
         report["files"] = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*"))
                            if p.is_file() and HF_DIR not in p.relative_to(tmp).parts}
+        write_json(tmp / EXPORT_JSON, reproducible(report))
         report["seconds"] = time.perf_counter() - started
-        write_json(tmp / EXPORT_JSON, report)
         if cfg.register_model and mlflow_cfg is not None:
-            report["mlflow"] = register(tmp, manifest, mlflow_cfg, cfg.opset)
-            write_json(tmp / EXPORT_JSON, report)
+            report["mlflow"] = register(tmp, manifest, mlflow_cfg, cfg.opset,
+                                        tracking.read_run_id(checkpoint_dir.parent))
         for path in tmp.rglob("*"):  # world-readable, whatever the writers' defaults were
             path.chmod(0o755 if path.is_dir() else 0o644)
     return report
+
+
+def reproducible(report: dict[str, Any]) -> dict[str, Any]:
+    """What ``export.json`` keeps of the report: facts a rebuild reproduces (no speeds, no registry).
+
+    The export folder is a DVC output, so two builds must leave the same bytes; decode speeds and
+    the MLflow version differ from run to run and go to the caller (the stage prints them).
+    """
+    kept = dict(report)
+    if "int8" in kept:
+        kept["int8"] = {k: v for k, v in kept["int8"].items() if "per_second" not in k and "speedup" not in k}
+    return kept
 
 
 def write_model_files(model: GPT, checkpoint_dir: Path, folder: Path, cfg: ExportConfig,
@@ -334,7 +346,6 @@ def write_model_files(model: GPT, checkpoint_dir: Path, folder: Path, cfg: Expor
         checkpoint={"folder": checkpoint_dir.name, "meta": meta,
                     "sha256": read_json(checkpoint_dir / ckpt.COMPLETE)["sha256"]},
         evaluation={k: evaluation[k] for k in EVALUATION_KEYS if isinstance(evaluation.get(k), (int, float))},
-        mlflow_run_id=tracking.read_run_id(checkpoint_dir.parent),
     )
     manifest.write(folder)
     if cfg.genai:
@@ -342,7 +353,8 @@ def write_model_files(model: GPT, checkpoint_dir: Path, folder: Path, cfg: Expor
     return manifest
 
 
-def register(folder: Path, manifest: ExportManifest, mlflow_cfg: MlflowConfig, opset: int) -> dict[str, Any]:
+def register(folder: Path, manifest: ExportManifest, mlflow_cfg: MlflowConfig, opset: int,
+             run_id: str | None) -> dict[str, Any]:
     """Register the export as a version of ``mlflow.registered_model``, tagged with its figures."""
     figures = manifest.figures()
     tags = {"step": manifest.step, "val_loss": figures.get("val_loss"),
@@ -351,7 +363,7 @@ def register(folder: Path, manifest: ExportManifest, mlflow_cfg: MlflowConfig, o
             "onnx_sha256": manifest.sha256[MODEL_FILE], "opset": opset}
     tracking.setup(mlflow_cfg.experiment)
     try:
-        return registry.register_export(folder, manifest.mlflow_run_id, mlflow_cfg.registered_model,
+        return registry.register_export(folder, run_id, mlflow_cfg.registered_model,
                                         {k: v for k, v in tags.items() if v is not None},
                                         EXAMPLE_PROMPT, manifest.sampling)
     except registry.RegistryError as exc:

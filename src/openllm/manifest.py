@@ -52,7 +52,6 @@ class ExportManifest:
     val_loss: float | None = None  # the checkpoint's validation loss during training
     checkpoint: dict[str, Any] = field(default_factory=dict)  # folder, meta (training metadata), sha256
     evaluation: dict[str, float] = field(default_factory=dict)  # the evaluate stage's figures, if it ran
-    mlflow_run_id: str | None = None  # the MLflow run that trained the checkpoint, when known
     format: str = FORMAT
 
     def figures(self) -> dict[str, Any]:

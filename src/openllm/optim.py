@@ -5,7 +5,7 @@ its nearest orthogonal matrix (a few Newton-Schulz iterations in bf16), so every
 the matrix moves by about the same amount. It only applies to 2-D weights inside the
 transformer blocks; the embedding (tied with the output head) and the norm scales stay with
 AdamW. With ``adjust_lr_fn="match_rms_adamw"`` Muon's updates have the size AdamW's would, so
-one learning rate and one schedule drive both (README, "Choosing the defaults").
+one learning rate and one schedule drive both (bench/README.md, "Choosing the defaults").
 """
 
 from __future__ import annotations

@@ -51,18 +51,20 @@ class RunLogger:
             self.evals = TsvLog(metrics_dir / EVAL_LOG, EVAL_COLUMNS, keep_until)
             self.checkpoints_dir = checkpoints_dir
 
-    def start(self, experiment: str, resume: bool, params: dict[str, Any], tags: dict[str, str]) -> None:
-        """Open the MLflow run: the one that made the resumed state, else a new one."""
+    def start(self, experiment: str, resume: bool, name: str, params: dict[str, Any], tags: dict[str, str],
+              tokenized_dir: Path, data_meta: dict[str, Any]) -> None:
+        """Open the MLflow run: the one that made the resumed state, else a new one called ``name``."""
         if not self.enabled:
             return
         self.mlflow = tracking.setup(experiment)
         previous = tracking.read_run_id(self.checkpoints_dir) if resume else None
-        self.run = tracking.open_run(self.mlflow, previous, log_system_metrics=True)
+        self.run = tracking.open_run(self.mlflow, previous, log_system_metrics=True, run_name=name)
         run_id_path(self.checkpoints_dir).parent.mkdir(parents=True, exist_ok=True)
         tracking.write_run_id(self.checkpoints_dir, self.run.info.run_id)
         self.mlflow.set_tags(tracking.run_tags(tags))
         if self.run.info.run_id != previous:  # MLflow refuses to change the params of a run
             self.mlflow.log_params(params)
+            tracking.log_training_data(self.mlflow, tokenized_dir, data_meta)
 
     def step(self, step: int, train_loss: float, learning_rate: float, grad_norm: float, tokens_seen: int,
              tokens_per_second: float, last: bool) -> None:

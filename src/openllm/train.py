@@ -224,7 +224,8 @@ class Trainer:
     def __init__(self, params: Params, tokenized_dir: Path, checkpoints_dir: Path, metrics_dir: Path):
         self.params, self.cfg = params, params.train
         self.checkpoints_dir, self.metrics_dir = Path(checkpoints_dir), Path(metrics_dir)
-        meta_path = Path(tokenized_dir) / "meta.json"
+        self.tokenized_dir = Path(tokenized_dir)
+        meta_path = self.tokenized_dir / "meta.json"
         if not meta_path.is_file():
             raise TrainingError(f"{meta_path} not found: run the tokenize stage first")
         self.data_meta = read_json(meta_path)
@@ -331,8 +332,9 @@ class Trainer:
         if setup.is_main:
             self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
         logger.start(self.params.mlflow.experiment, self.plan.resume_from is not None,
+                     tracking.run_name(self.params.model.preset, cfg.max_steps),
                      tracking.flatten(self.params.model_dump(include={"data", "tokenizer", "model", "train"})),
-                     self._tags())
+                     self._tags(), self.tokenized_dir, self.data_meta)
         stop_signal: list[int] = []
         handlers = {s: signal.signal(s, lambda sig, _: stop_signal.append(sig)) for s in (signal.SIGTERM, signal.SIGINT)}
         tokens_at_start = self.state.progress.tokens_seen
