@@ -177,4 +177,52 @@ def compare_in_browser(app_url: str, browser, project: Path) -> None:
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, '[data-testid="stVegaLiteChart"]')) == 2)
     assert browser.find_elements(By.CSS_SELECTOR, '[data-testid="stDataFrame"]')
     links = browser.find_elements(By.CSS_SELECTOR, '[data-testid="stSidebarNavLink"]')
-    assert [link.text.split()[-1] for link in links] == ["Compare", "Checkpoints"]  # after each icon's name
+    assert [link.text.split()[-1] for link in links] == ["Compare", "Checkpoints", "Inspect"]  # after each icon's name
+
+
+def test_inspect_page_in_chromium(app_url: str, browser, project: Path) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    try:
+        inspect_in_browser(app_url, browser, project)
+    except Exception:
+        browser.save_screenshot(str(ARTIFACTS / "app-inspect-failure.png"))
+        raise
+
+
+def inspect_in_browser(app_url: str, browser, project: Path) -> None:
+    """Surprisal spans per checkpoint with their bits as tooltips, next-token tables, the attention map."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from openllm.inspection import token_surprisals
+
+    wait = WebDriverWait(browser, WAIT, ignored_exceptions=(StaleElementReferenceException,))
+    browser.get(f"{app_url}/inspect")
+    text = "ROMEO:\nBut, soft! what light"
+    box = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, '[data-testid="stTextArea"] textarea'))
+    box.send_keys(Keys.CONTROL, "a")
+    box.send_keys(Keys.DELETE)
+    box.send_keys(text)
+    box.send_keys(Keys.CONTROL, Keys.ENTER)  # apply the text
+
+    def columns(driver):
+        """Each column's token tooltips, once both columns show the new text."""
+        found = [[span.get_attribute("title") for span in block.find_elements(By.CSS_SELECTOR, "span.token")]
+                 for block in driver.find_elements(By.CSS_SELECTOR, "div.surprisal")]
+        return found if len(found) == 2 and all(len(f) == len(found[0]) for f in found) else None
+
+    want = [token_surprisals(OnnxGenerator.load(project / "models" / "export" / f"step-{s}"), text) for s in STEPS]
+    wait.until(lambda d: columns(d) and len(columns(d)[0]) == len(want[0]))
+    for titles, tokens in zip(columns(browser), want):
+        assert titles == ["first token: not predicted"] + [f"{t.bits:.2f} bits" for t in tokens[1:]]
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, '[data-testid="stDataFrame"]')) == 2)
+    chart = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, '[data-testid="stVegaLiteChart"]'))
+    browser.set_window_size(1400, 2100)  # the whole page in one picture
+    try:
+        wait.until(lambda d: chart.size["height"] > 100)
+        time.sleep(1)  # let the chart finish drawing
+        assert browser.save_screenshot(str(ARTIFACTS / "app-inspect.png"))
+    finally:
+        browser.set_window_size(1400, 1000)
