@@ -318,36 +318,3 @@ class GPT(nn.Module):
         cfg = self.config
         n = self.num_parameters(exclude_embeddings=True) + cfg.n_embd * cfg.vocab_size
         return 6 * n + 12 * cfg.n_layer * cfg.n_embd * cfg.context_length
-
-    @torch.no_grad()
-    def generate(
-        self,
-        input_ids: torch.Tensor,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """Reference sampler with a KV cache: (B, T) -> (B, T + max_new_tokens).
-
-        temperature 0 means greedy (argmax); top_k keeps only the k most likely tokens.
-        """
-        total = input_ids.shape[1] + max_new_tokens
-        if total > self.config.context_length:
-            raise ValueError(f"prompt + max_new_tokens = {total} exceeds context_length={self.config.context_length}")
-        out = [input_ids]
-        logits, past = self(input_ids)  # prefill the whole prompt once
-        for step in range(max_new_tokens):
-            last = logits[:, -1, :]  # (B, V)
-            if temperature == 0:
-                next_id = last.argmax(dim=-1, keepdim=True)  # (B, 1)
-            else:
-                last = last / temperature
-                if top_k is not None:
-                    kth = torch.topk(last, min(top_k, last.shape[-1]), dim=-1).values[:, -1:]
-                    last = last.masked_fill(last < kth, float("-inf"))
-                next_id = torch.multinomial(F.softmax(last, dim=-1), 1, generator=generator)
-            out.append(next_id)
-            if step + 1 < max_new_tokens:  # feed only the new token; the cache holds the rest
-                logits, past = self(next_id, past_key_values=past)
-        return torch.cat(out, dim=1)
