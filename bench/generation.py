@@ -10,8 +10,8 @@ one-token prompt until the context is full (255 new tokens for a 256-token conte
 prompt and for a batch of 8:
 
 - ``torch_no_cache``: every step runs the model over the whole sequence so far;
-- ``torch_kv_cache``: the model's KV cache as :func:`openllm.torch_generate.generate_ids` uses it
-  (prefill once, one token per step), with greedy argmax;
+- ``torch_kv_cache``: the model's KV cache through the decode loop of :mod:`openllm.decode` and
+  the PyTorch adapter of :mod:`openllm.torch_generate` (prefill once, one token per step), greedy;
 - ``onnx_fp32`` / ``onnx_int8``: :class:`openllm.runtime.OnnxGenerator` with ``model.onnx`` /
   ``model.int8.onnx``.
 
@@ -34,13 +34,15 @@ import torch
 from openllm.checkpoint import save_checkpoint
 from openllm.config import MODEL_PRESETS, ExportConfig, SamplingConfig, TokenizerConfig
 from openllm.data import shakespeare_documents
+from openllm.decode import DecodeBatch, Row
 from openllm.export import export_checkpoint
 from openllm.fileio import write_json
 from openllm.model import GPT, GPTConfig
-from openllm.report import cpu_name
+from openllm.perf import cpu_name
 from openllm.runtime import OnnxGenerator
 from openllm.sampling import Sampling
 from openllm.tokenizer import train_tokenizer
+from openllm.torch_generate import torch_forward
 
 VOCAB = 4096
 
@@ -73,18 +75,13 @@ def torch_no_cache(model: GPT, prompts: list[list[int]], n: int) -> tuple[int, f
     return n * len(prompts), first
 
 
-@torch.no_grad()
 def torch_kv_cache(model: GPT, prompts: list[list[int]], n: int) -> tuple[int, float]:
-    """Greedy decoding with the model's KV cache, as generate_ids does: prefill once, then one
-    token per step. Returns (new tokens, seconds to the first one)."""
-    started = time.perf_counter()
-    logits, past = model(torch.tensor(prompts))
-    token = logits[:, -1].argmax(-1, keepdim=True)
-    first = time.perf_counter() - started
-    for _ in range(n - 1):
-        logits, past = model(token, past_key_values=past)
-        token = logits[:, -1].argmax(-1, keepdim=True)
-    return n * len(prompts), first
+    """Greedy decoding with the model's KV cache through the decode loop, as generate_ids runs it
+    (prefill once, then one token per step). Returns (new tokens, seconds to the first one)."""
+    greedy = Sampling(temperature=0.0, top_k=0, top_p=1.0, max_new_tokens=n, seed=0)
+    rows = [Row(list(prompt), greedy) for prompt in prompts]
+    DecodeBatch(torch_forward(model), model.config.context_length, None).run(rows)
+    return sum(len(row.tokens) for row in rows), min(row.first_token_seconds for row in rows)
 
 
 def measure(ways: dict, repeats: int) -> dict[str, dict[str, float]]:
