@@ -76,6 +76,25 @@ def load_sections(root: Path, *names: str) -> Params:
     return parse_params({name: raw[name] for name in names if name in raw}, str(path))
 
 
+def check_params(root: Path, overrides: dict[str, Any] | None = None) -> Params:
+    """Validate all of ``root/params.yaml``, with this run's overrides applied, as `openllm check` does.
+
+    DVC reruns only stages whose tracked params changed and removes a stage's outputs before
+    running it, so a typo in an unread section, or a bad value, is caught here first.
+    """
+    path = root / "params.yaml"
+    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    for dotted, value in (overrides or {}).items():
+        if isinstance(raw, dict):
+            *sections, key = dotted.split(".")
+            target = raw
+            for section in sections:
+                target = target.setdefault(section, {}) if isinstance(target, dict) else {}
+            if isinstance(target, dict):
+                target[key] = value
+    return parse_params(raw, str(path))
+
+
 def dvc_stages(root: Path) -> list[str]:
     """The stage names of ``root/dvc.yaml`` in file order (a foreach stage by its group name)."""
     document = yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8")) or {}
@@ -289,7 +308,7 @@ def pipeline(
     """
     logger = get_run_logger()
     root = Path(repo).resolve()
-    settings = load_sections(root, "pipeline").pipeline
+    settings = check_params(root, overrides).pipeline  # the whole file, before DVC removes any output
     selected = select_stages(dvc_stages(root), stages)
     before = checkpoint_metrics(root)
     previous_run_id = read_run_id(root / CHECKPOINTS_DIR)

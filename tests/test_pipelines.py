@@ -37,7 +37,7 @@ from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
 from openllm.config import ConfigError, load_params  # noqa: E402
 from pipelines.flows import (  # noqa: E402
-    SUMMARY_ARTIFACT, check_data, dvc_command, dvc_stages, load_sections, pipeline,
+    SUMMARY_ARTIFACT, check_data, check_params, dvc_command, dvc_stages, load_sections, pipeline,
     read_source_record, source_fingerprint, write_source_record,
 )
 from pipelines.serve import build_deployments  # noqa: E402
@@ -338,3 +338,14 @@ def test_served_deployment_runs_on_schedule_and_survives_a_restart(repo, tmp_pat
         if serve is not None:
             stop(serve)
         stop(server)
+
+
+def test_flow_validates_the_whole_params_file_before_dvc_runs(tmp_path: Path) -> None:
+    """A typo in a section no stage reads, or a bad override, stops the flow before any stage."""
+    write_params(tmp_path, {"trian": {"max_steps": 3}})
+    with pytest.raises(ConfigError, match="unknown key 'trian'"):
+        check_params(tmp_path)
+    write_params(tmp_path, {})
+    assert check_params(tmp_path, {"train.max_steps": 3000}).train.max_steps == 3000
+    with pytest.raises(ConfigError, match=r"train.seed=-1"):
+        check_params(tmp_path, {"train.seed": -1})

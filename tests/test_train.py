@@ -854,3 +854,48 @@ def test_compiled_runs_are_bit_identical(tmp_path: Path, tokenized: Path, monkey
     b.train(monkeypatch, **run)
     assert a.weights() == b.weights()
     assert a.steps_log() == b.steps_log()
+
+
+# --------------------------------------------------------------------------- nothing lost
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"model": {"context_length": 1_000_000}}, "the training split has"),  # longer than the corpus
+    ({"model": {"context_length": 50_000_000}}, "model.context_length=50000000"),
+    ({"train": {"weight_decay": float("inf")}}, "train.weight_decay=inf"),
+    ({"train": {"seed": 2**64}}, "train.seed=18446744073709551616"),
+    ({"train": {"batch_size": True}}, "train.batch_size=True"),
+], ids=["context_longer_than_data", "context_too_long", "infinite_weight_decay", "seed_too_big", "bool_batch"])
+def test_params_that_cannot_train_leave_the_checkpoints_alone(project: Project, monkeypatch, bad, message) -> None:
+    project.train(monkeypatch, max_steps=10, checkpoint_steps=[10])
+    before = snapshot_tree(project.root / "models")
+    values = overrides(max_steps=10, checkpoint_steps=[10])
+    for section, changes in bad.items():
+        values[section] = {**values.get(section, {}), **changes}
+    write_params(project.root / "params.yaml", values)
+    rc, out = project.cli("bad.log")
+    assert rc == 2 and "Traceback" not in out, out
+    assert len(error_lines(out)) == 1 and message in error_lines(out)[0], out
+    assert snapshot_tree(project.root / "models") == before
+
+
+def test_leftovers_of_a_killed_checkpoint_write_are_removed(project: Project, monkeypatch) -> None:
+    project.ck.mkdir(parents=True)
+    litter = project.ck / ".step-10.tmp-abc123"
+    litter.mkdir()
+    (litter / ckpt.WEIGHTS).write_bytes(b"half a file")
+    project.train(monkeypatch, max_steps=10, checkpoint_steps=[10])
+    assert not litter.exists()
+    assert sorted(p.name for p in project.ck.iterdir()) == ["decay-start", "step-10"]
+
+
+def test_hostile_config_is_refused_before_allocating(project: Project, monkeypatch) -> None:
+    """A config.json asking for a huge model fails on the shape check, not on a 4 TB allocation."""
+    project.train(monkeypatch, max_steps=10, checkpoint_steps=[10])
+    folder = project.step(10)
+    config = json.loads((folder / ckpt.CONFIG).read_text())
+    config["n_embd"], config["intermediate_size"] = 1 << 20, 1 << 22
+    (folder / ckpt.CONFIG).write_text(json.dumps(config))
+    rewrite_complete(folder)
+    with pytest.raises(ckpt.CheckpointError, match=r"model.safetensors does not match config.json"):
+        ckpt.load_model(folder)  # building this model first would need terabytes
