@@ -72,8 +72,8 @@ def run_writers(uri: str, writers: int, steps: int, env: dict[str, str] | None =
     if client.get_experiment_by_name(EXPERIMENT) is None:  # also creates a new store's tables, once
         client.create_experiment(EXPERIMENT)
     command = [sys.executable, __file__, "--writer", "--uri", uri, "--steps", str(steps)]
-    processes = [subprocess.Popen([*command, "--name", f"writer-{i}"], stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, text=True, env=env or dict(os.environ))
+    processes = [subprocess.Popen([*command, "--name", f"writer-{i}"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=subprocess.DEVNULL, text=True, env=env or dict(os.environ))
                  for i in range(writers)]
     for process in processes:
         assert process.stdout.readline().strip() == "ready", "a writer failed to start"
@@ -103,22 +103,21 @@ def sqlite_case(writers: int, steps: int) -> dict[str, Any]:
 def server_cases(writer_counts: list[int], steps: int) -> list[dict[str, Any]]:
     """Start the project's tracking server once; run every case against it."""
     sys.path.insert(0, str(REPO_ROOT))
+    from ops.mlflow_server import wait_healthy
     from ops.postgres import free_port
     from ops.processes import stop_group
 
     state = Path(tempfile.mkdtemp(prefix="openllm-bench-mlflow-"))
     state.chmod(0o755)  # the postgres user must enter it
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "ops.mlflow_server", "--state-dir", str(state),
-                               "--port", str(port)], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True,
-                              start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    with open(state / "server.log", "w") as log:  # a file: a full pipe would stall the server
+        server = subprocess.Popen([sys.executable, "-m", "ops.mlflow_server", "--state-dir", str(state),
+                                   "--port", str(port)], cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
     try:
-        for line in server.stdout:
-            if "tracking server ready" in line:
-                break
-        else:
-            raise RuntimeError("the MLflow server did not start")
-        return [run_writers(f"http://127.0.0.1:{port}", n, steps) for n in writer_counts]
+        wait_healthy(url, server)
+        return [run_writers(url, n, steps) for n in writer_counts]
     finally:
         stop_group(server)
 
