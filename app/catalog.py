@@ -23,18 +23,16 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
-from openllm.config import EXPORT_DIR, METRICS_DIR, AppConfig, ConfigError, load_params
-from openllm.errors import OpenLLMError
+from openllm.config import CHECKPOINTS_DIR, EXPORT_DIR, METRICS_DIR, AppConfig, ConfigError, load_params
 from openllm.fileio import read_json
 from openllm.inspection import AttentionModel, InspectionError
+from openllm import registry, tracking
+from openllm.manifest import ExportManifest, ManifestError
+from openllm.registry import RegistryError
 from openllm.runtime import CONFIG_FILE, REGISTRY_PREFIX, ModelLoadError, OnnxGenerator
 from openllm.sampling import Sampling
 
 ROOT_ENV = "OPENLLM_ROOT"  # point the app at another project (the tests use a temporary one)
-
-
-class RegistryError(OpenLLMError):
-    """The MLflow registry cannot be read (no store, unknown model, ...)."""
 
 
 @dataclass(frozen=True)
@@ -87,20 +85,23 @@ def export_checkpoints(root: Path) -> list[Checkpoint]:
     folders = [p for p in (root / EXPORT_DIR).glob("step-*") if p.is_dir()]
     folders.sort(key=lambda p: (_step_of(p) is None, _step_of(p) or 0, p.name))
     found = []
+    run_id = tracking.read_run_id(root / CHECKPOINTS_DIR)  # the run that trained models/checkpoints
     for folder in folders:
         try:
             config = read_json(folder / CONFIG_FILE)
         except (OSError, ValueError):
             config = None
-        config = config if isinstance(config, dict) else None
-        meta = (config or {}).get("checkpoint", {}).get("meta", {})
-        found.append(Checkpoint(folder.name, str(folder), _step_of(folder), config, run_id=meta.get("mlflow_run_id")))
+        try:
+            ExportManifest.from_dict(config)
+        except ManifestError:  # loading it says why
+            config = None
+        found.append(Checkpoint(folder.name, str(folder), _step_of(folder), config, run_id=run_id))
     return found
 
 
 def tracking_uri(root: Path) -> str:
     """The MLflow store: ``$MLFLOW_TRACKING_URI``, else ``root/mlflow.db`` (as the pipeline writes)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root.resolve() / 'mlflow.db'}"
+    return tracking.tracking_uri(root)
 
 
 @st.cache_data(ttl=60, show_spinner=False)  # an MLflow query per rerun would slow every click
@@ -108,22 +109,11 @@ def registry_checkpoints(name: str, uri: str) -> list[Checkpoint]:
     """Every version of the registered model ``name``, oldest first."""
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         raise RegistryError(f"no MLflow store at {uri} (the export stage creates it)")
-    from mlflow import MlflowClient  # only here: the registry is optional
-
-    try:
-        versions = MlflowClient(tracking_uri=uri).search_model_versions(f"name='{name}'")
-    except Exception as exc:  # MlflowException and database errors
-        raise RegistryError(f"cannot read the MLflow registry at {uri}: {exc}") from None
     found = []
-    for v in sorted(versions, key=lambda v: int(v.version)):
-        figures = {}
-        for key in ("step", "val_loss", "val_bits_per_byte"):
-            try:
-                figures[key] = float(v.tags[key])
-            except (KeyError, ValueError):  # a missing or hand-edited tag
-                pass
+    for v in registry.list_versions(name, uri):
+        figures = registry.version_figures(v)
         step = int(figures["step"]) if "step" in figures else None
-        found.append(Checkpoint(f"{name} v{v.version}", f"{REGISTRY_PREFIX}{name}/{v.version}", step,
+        found.append(Checkpoint(f"{name} v{v.version}", registry.version_uri(name, v.version), step,
                                 figures=figures, run_id=v.run_id))
     return found
 
@@ -162,17 +152,11 @@ def load_generator(spec: str, version: str, uri: str) -> OnnxGenerator:
     """
     if not spec.startswith(REGISTRY_PREFIX):
         return OnnxGenerator.load(spec)
-    import mlflow  # only here: the registry is optional
-    from mlflow import MlflowClient
-
-    name, number = spec.removeprefix(REGISTRY_PREFIX).rsplit("/", 1)
     with tempfile.TemporaryDirectory(prefix="openllm-app-") as tmp:
         try:
-            # The version's own files: a models:/ URI would be looked up in MLflow's default store.
-            source = MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version_download_uri(name, number)
-            folder = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp, tracking_uri=uri)
-        except Exception as exc:  # MlflowException: unknown version, missing artifacts
-            raise ModelLoadError(f"{spec}: cannot download it from the MLflow registry ({exc})") from None
+            folder = registry.download_export(spec, Path(tmp), tracking_uri=uri)  # from the store `uri`
+        except RegistryError as exc:
+            raise ModelLoadError(str(exc)) from None
         generator = OnnxGenerator.load(folder)  # everything is in memory afterwards
     generator.source = spec
     return generator
@@ -222,8 +206,9 @@ def checkpoint_row(root: Path, checkpoint: Checkpoint, mlflow_ui_url: str | None
     validation split) when it ran for this step, else from what the export or registry recorded.
     """
     config = checkpoint.config or {}
-    meta = config.get("checkpoint", {}).get("meta", {})
-    known: dict[str, Any] = {**checkpoint.figures, **meta, "context_length": config.get("context_length")}
+    known: dict[str, Any] = dict(checkpoint.figures)
+    if config:  # the export's manifest: training metadata and the figures evaluated before the export
+        known.update(ExportManifest.from_dict(config).figures())
     evaluation = root / METRICS_DIR / "evaluate" / f"step-{checkpoint.step}.json"
     if not checkpoint.spec.startswith(REGISTRY_PREFIX) and evaluation.is_file():  # a local export
         try:

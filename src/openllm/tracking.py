@@ -43,8 +43,10 @@ def repo_root(start: Path | None = None) -> Path:
     return start
 
 
-def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlflow.db'}"
+def tracking_uri(root: Path | None = None) -> str:
+    """The store: ``$MLFLOW_TRACKING_URI``, else ``mlflow.db`` in ``root`` (default: the repository's root)."""
+    folder = Path(root).resolve() if root is not None else repo_root()
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{folder / 'mlflow.db'}"
 
 
 def init_store(uri: str | None = None, attempts: int = 5) -> None:
