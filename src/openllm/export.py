@@ -43,6 +43,7 @@ import torch.nn as nn
 from . import checkpoint as ckpt
 from . import registry, tracking
 from .config import ExportConfig, MlflowConfig, SamplingConfig
+from .decode import left_pad
 from .errors import OpenLLMError
 from .fileio import atomic_dir, read_json, sha256_file, write_json
 from .inspection import ATTENTION_FILE, export_attention_onnx
@@ -180,14 +181,7 @@ def compare_logits(model: GPT, generator: OnnxGenerator, prompt_ids: list[int]) 
 
     Both sides get identical inputs (PyTorch's greedy tokens) from an empty cache.
     """
-    short = prompt_ids[: max(1, len(prompt_ids) // 2)]
-    rows = [prompt_ids, short]
-    L = len(prompt_ids)
-    ids = np.zeros((2, L), np.int64)
-    mask = np.zeros((2, L), np.int64)
-    for i, row in enumerate(rows):
-        ids[i, L - len(row):], mask[i, L - len(row):] = row, 1
-    positions = np.maximum(mask.cumsum(1) - 1, 0)
+    ids, mask, positions = left_pad([prompt_ids, prompt_ids[: max(1, len(prompt_ids) // 2)]])  # as the decode loop pads
     past_ort = generator.empty_past(2)
     past_pt = None
     worst = 0.0
