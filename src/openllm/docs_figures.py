@@ -152,22 +152,29 @@ def model_shapes(project: Project, out: Path) -> None:
 def schedule(project: Project, out: Path) -> None:
     import matplotlib.pyplot as plt
 
-    from .train import learning_rate
+    from .schedule import Schedule
 
     cfg = project.params.train
+    plan = Schedule.from_config(cfg)
     steps = np.arange(cfg.max_steps)
-    rates = [learning_rate(int(s), cfg) for s in steps]
     fig, ax = plt.subplots(figsize=(7, 3))
-    ax.plot(steps, rates)
+    ax.plot(steps, [plan.lr(int(s)) for s in steps])
     for step in cfg.checkpoint_steps:
         ax.axvline(step, color="grey", lw=0.6, ls=":")
-    ax.set(xlabel="optimizer step", ylabel="learning rate", title="openllm.train.learning_rate over params.yaml's train")
+    ax.set(xlabel="optimizer step", ylabel="learning rate", title=f"Schedule.lr, train.schedule: {plan.kind}")
     save(fig, out / "learning_rate.png")
-    text = (f"Warmup: {cfg.warmup_steps} steps up to {cfg.learning_rate:g}, then a cosine down to "
-            f"{cfg.min_learning_rate:g} at step {cfg.max_steps:,}; checkpoints (dotted) at steps "
-            f"{', '.join(f'{s:,}' for s in cfg.checkpoint_steps)}. Optimizer: `{cfg.optimizer}`, "
-            f"{cfg.batch_size} sequences per step, weight decay {cfg.weight_decay:g}.\n")
+    decay = (f"stays there until step {plan.decay_start:,}, then decays linearly" if plan.kind == "wsd"
+             else "then follows a cosine")
+    text = (f"Your run: warmup over {cfg.warmup_steps} steps up to {cfg.learning_rate:g}; the rate {decay} "
+            f"to {cfg.min_learning_rate:g} at step {cfg.max_steps:,}. Checkpoints (dotted) at steps "
+            f"{', '.join(f'{s:,}' for s in cfg.checkpoint_steps)}. Optimizer `{cfg.optimizer}`, "
+            f"{cfg.batch_size} sequences of {project_context(project):,} tokens per step, weight decay "
+            f"{cfg.weight_decay:g}.\n")
     (out / "schedule.md").write_text(text, encoding="utf-8")
+
+
+def project_context(project: Project) -> int:
+    return int(read_json(project.checkpoints[-1][1] / "config.json")["context_length"])
 
 
 def training_curves(project: Project, out: Path) -> None:
