@@ -819,16 +819,17 @@ def test_compiled_training_matches_eager(tmp_path: Path, tokenized: Path, monkey
 def test_failed_compile_falls_back_under_auto_and_stops_when_required(project: Project, monkeypatch, train_log) -> None:
     import torch._inductor.config as inductor_config
 
-    monkeypatch.setattr(inductor_config.cpp, "cxx", ("/nonexistent/c++",))  # inductor's compiler search fails
     monkeypatch.setattr(device_mod, "cpp_compiler_available", lambda: True)  # while `auto` believes it works
     # No kernels built by an earlier test may be reused: a fresh cache, and shapes of their own.
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(project.root / "inductor-cache"))
-    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)
     run = dict(max_steps=4, checkpoint_steps=[4], batch_size=3)
-    with pytest.raises(DeviceError, match="train.compile=true but torch.compile failed"):
-        project.train(monkeypatch, **run, compile="true")
+    # inductor's own patch() restores its settings (monkeypatch would delete them on undo)
+    with inductor_config.patch({"cpp.cxx": ("/nonexistent/c++",), "fx_graph_cache": False}):
+        with pytest.raises(DeviceError, match="train.compile=true but torch.compile failed"):
+            project.train(monkeypatch, **run, compile="true")
+        torch._dynamo.reset()
+        summary = project.train(monkeypatch, **run, compile="auto")
     torch._dynamo.reset()
-    summary = project.train(monkeypatch, **run, compile="auto")
     assert summary["compiled"] is False and summary["steps"] == 4
     assert "training without it" in train_log.text
 
