@@ -25,6 +25,7 @@ import streamlit as st
 
 from openllm.config import CHECKPOINTS_DIR, EXPORT_DIR, METRICS_DIR, AppConfig, ConfigError, load_params
 from openllm.fileio import read_json
+from openllm.paths import parse_step
 from openllm.inspection import AttentionModel, InspectionError
 from openllm import registry, tracking
 from openllm.manifest import ExportManifest, ManifestError
@@ -73,8 +74,7 @@ def _cache_size() -> int:
 
 
 def _step_of(folder: Path) -> int | None:
-    number = folder.name.removeprefix("step-")
-    return int(number) if number.isdigit() else None
+    return parse_step(folder.name)
 
 
 def export_checkpoints(root: Path) -> list[Checkpoint]:

@@ -35,6 +35,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from openllm.paths import parse_step
 from openllm.config import CHECKPOINTS_DIR, METRICS_DIR, DataConfig, HFSource, Params, parse_params
 from openllm.fileio import sha256_file
 from openllm.tracking import read_run_id
@@ -218,10 +219,13 @@ def checkpoint_metrics(root: Path) -> dict[int, dict[str, Any]]:
     """``metrics/evaluate/step-N.json`` of every evaluated checkpoint, by step."""
     found: dict[int, dict[str, Any]] = {}
     for path in (root / METRICS_DIR / "evaluate").glob("step-*.json"):
-        try:
-            found[int(path.stem.removeprefix("step-"))] = json.loads(path.read_text(encoding="utf-8"))
-        except (ValueError, OSError):
+        step = parse_step(path.stem)
+        if step is None:
             continue  # not a checkpoint's metrics file
+        try:
+            found[step] = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, OSError):
+            continue
     return dict(sorted(found.items()))
 
 
