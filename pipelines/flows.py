@@ -36,7 +36,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from openllm.paths import parse_step
-from openllm.config import CHECKPOINTS_DIR, METRICS_DIR, DataConfig, HFSource, Params, parse_params
+from openllm.config import CHECKPOINTS_DIR, METRICS_DIR, DataConfig, HFSource, Params, load_params, parse_params
 from openllm.fileio import sha256_file
 from openllm.tracking import read_run_id
 from ops.processes import stop_group
@@ -83,17 +83,7 @@ def check_params(root: Path, overrides: dict[str, Any] | None = None) -> Params:
     DVC reruns only stages whose tracked params changed and removes a stage's outputs before
     running it, so a typo in an unread section, or a bad value, is caught here first.
     """
-    path = root / "params.yaml"
-    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    for dotted, value in (overrides or {}).items():
-        if isinstance(raw, dict):
-            *sections, key = dotted.split(".")
-            target = raw
-            for section in sections:
-                target = target.setdefault(section, {}) if isinstance(target, dict) else {}
-            if isinstance(target, dict):
-                target[key] = value
-    return parse_params(raw, str(path))
+    return load_params(root / "params.yaml", overrides)
 
 
 def dvc_stages(root: Path) -> list[str]:

@@ -421,8 +421,23 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
         raise ConfigError(f"{source}: " + "; ".join(lines)) from None
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate ``params.yaml``; raise :class:`ConfigError` with a readable message."""
+def with_overrides(raw: Any, overrides: dict[str, Any]) -> Any:
+    """``raw`` with dotted keys set (``{"train.max_steps": 800}``), as ``dvc exp run -S`` does."""
+    for dotted, value in overrides.items():
+        target = raw
+        *sections, key = dotted.split(".")
+        for section in sections:
+            if not isinstance(target, dict):
+                break
+            target = target.setdefault(section, {})
+        if isinstance(target, dict):
+            target[key] = value
+    return raw
+
+
+def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
+    """Read and validate ``params.yaml`` (with dotted ``overrides`` applied); raise
+    :class:`ConfigError` with a readable message."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -436,4 +451,6 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         where = getattr(exc, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
         raise ConfigError(f"{path}: invalid YAML{at}: {getattr(exc, 'problem', exc)}") from None
+    if overrides and isinstance(raw, dict):
+        raw = with_overrides(raw, overrides)
     return parse_params(raw, str(path))
