@@ -112,10 +112,25 @@ def tokenizer(r: dict) -> list[str]:
 
 
 def server(r: dict) -> list[str]:
-    return [f"### HTTP server (`openllm serve`, {r['clients']} clients × {r['requests'] // r['clients']} requests)", "",
-            f"{r['errors']} errors in {r['requests']} requests; latency p50 {r['p50_ms']:.0f} ms, p95 "
-            f"{r['p95_ms']:.0f} ms; {r['tokens_per_second']:,.0f} tokens/s; server memory "
-            f"{r['rss_before_mb']:.0f} MiB before, {r['rss_growth_mb']:+.1f} MiB after."]
+    lines = [f"### HTTP server (`openllm serve`, {r['clients']} clients × {r['requests'] // r['clients']} requests, "
+             f"{r['max_tokens']} tokens each)", "",
+             f"{r['errors']} errors in {r['requests']} requests; latency p50 {r['p50_ms']:.0f} ms, p95 "
+             f"{r['p95_ms']:.0f} ms; {r['tokens_per_second']:,.0f} tokens/s; server memory "
+             f"{r['rss_before_mb']:.0f} MiB before, {r['rss_growth_mb']:+.1f} MiB after."]
+    base = r.get("baseline")
+    if base:
+        lines += ["", f"Against the thread-per-request server of commit `{base['ref']}` (no queue, "
+                      "`max_concurrent` raised to the clients), both running, measured in alternating rounds "
+                      f"(load average {r.get('load_average_at_end', '?')} at the end: other work shared the cores):", "",
+                  "| server | tokens/s | p50 ms | p95 ms | 429s, 16 clients, default limits |", "| --- | ---: | ---: | ---: | ---: |"]
+        for name, x in (("cross-request batching", r), (f"thread per request ({base['ref']})", base)):
+            o = x["overload"]
+            lines.append(f"| {name} | {x['tokens_per_second']:,.0f} | {x['p50_ms']:.0f} | {x['p95_ms']:.0f} | "
+                         f"{o['rate_limited']} of {o['requests']} |")
+        lines += ["", f"Batching: {r['tokens_per_second_vs_baseline']:.2f}× the tokens/s (target ≥ 2.5×: "
+                      f"{'met' if r['tokens_per_second_vs_baseline'] >= 2.5 else 'missed'}), p95 latency "
+                      f"{r['p95_vs_baseline']:.2f}× (target ≤ 1×: {'met' if r['p95_vs_baseline'] <= 1 else 'missed'})."]
+    return lines
 
 
 def gpu(r: dict) -> list[str]:

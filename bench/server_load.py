@@ -21,7 +21,8 @@ each). After a short warm-up (which is not measured) it reports:
 ``--baseline-ref REF`` runs the same measurements, in the same run, against the server of git
 commit REF too (its ``src/`` and params.yaml, e.g. the thread-per-request server before
 cross-request batching, where ``serve.max_concurrent`` is raised to ``--clients``), and reports
-the ratios.
+the ratios. Both servers run at once and take turns in ``--rounds`` rounds, so a burst of load
+from elsewhere on the machine slows both rather than one.
 """
 
 from __future__ import annotations
@@ -94,7 +95,8 @@ def run_load(
     wall = time.perf_counter() - started
     result: dict[str, Any] = {
         "clients": clients, "requests": len(latencies) + len(errors), "errors": len(errors),
-        "first_errors": errors[:5], "all_errors": errors, "max_tokens": max_tokens, "wall_seconds": wall,
+        "first_errors": errors[:5], "all_errors": errors, "latencies": latencies, "max_tokens": max_tokens,
+        "wall_seconds": wall,
         "completion_tokens": tokens, "tokens_per_second": tokens / wall, "requests_per_second": len(latencies) / wall,
     }
     if latencies:
@@ -109,7 +111,7 @@ def measure(base_url: str, model: str, pid: int | None = None, warmup: int = 2, 
              max_tokens=load.get("max_tokens", 16))
     before = rss_mb(pid) if pid else None
     result = run_load(base_url, model, **load)
-    result.pop("all_errors")
+    del result["all_errors"], result["latencies"]
     if pid:
         after = rss_mb(pid)
         result.update(rss_before_mb=before, rss_after_mb=after, rss_growth_mb=after - before)
@@ -191,25 +193,60 @@ def count_429(base_url: str, model: str, clients: int, requests_per_client: int,
             "other_errors": result["errors"] - refused}
 
 
-def bench_server(model: str, params: Path, log: Path, args: argparse.Namespace, source: Path | None,
-                 speed_limits: dict[str, Any], default_limits: dict[str, Any]) -> dict[str, Any]:
-    """Speed (limits raised so every client generates) and overload (default limits) of one server version."""
-    result: dict[str, Any] = {}
-    for name, limits in (("speed", speed_limits), ("overload", default_limits)):
-        settings = write_serve_params(params, log.with_name(f"{log.stem}-{name}.yaml"), **limits)
-        process, base_url = start_server([model], free_port(), log, params=str(settings), source=source)
+def combine(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The figures of several :func:`run_load` rounds taken as one measurement."""
+    latencies = [x for part in parts for x in part["latencies"]]
+    wall = sum(part["wall_seconds"] for part in parts)
+    tokens = sum(part["completion_tokens"] for part in parts)
+    result = {"clients": parts[0]["clients"], "requests": sum(part["requests"] for part in parts),
+              "errors": sum(part["errors"] for part in parts), "first_errors": parts[0]["first_errors"],
+              "max_tokens": parts[0]["max_tokens"], "wall_seconds": wall, "completion_tokens": tokens,
+              "tokens_per_second": tokens / wall, "requests_per_second": len(latencies) / wall}
+    if latencies:
+        result.update(p50_ms=1000 * percentile(latencies, 0.50), p95_ms=1000 * percentile(latencies, 0.95),
+                      max_ms=1000 * max(latencies))
+    return result
+
+
+def start(model: str, params: Path, log: Path, source: Path | None, **limits: Any):
+    """A server with ``limits`` in its serve section; (process, base URL, model id)."""
+    settings = write_serve_params(params, log.with_suffix(".yaml"), **limits)
+    process, base_url = start_server([model], free_port(), log, params=str(settings), source=source)
+    return process, base_url, httpx.get(f"{base_url}/v1/models").json()["data"][0]["id"]
+
+
+def bench_servers(versions: dict[str, tuple[Path, Path | None, dict[str, Any]]], args: argparse.Namespace,
+                  workdir: Path) -> dict[str, dict[str, Any]]:
+    """Each version's speed, all servers up at once and measured in alternating rounds (so that load
+    from elsewhere on the machine hits every version alike), then each one's 429s under overload."""
+    results: dict[str, dict[str, Any]] = {name: {} for name in versions}
+    servers = {}
+    try:
+        for name, (params, source, limits) in versions.items():
+            servers[name] = start(args.model, params, workdir / f"{name}.log", source, **limits)
+        for process, url, model in servers.values():
+            run_load(url, model, clients=args.clients, requests_per_client=2, max_tokens=args.max_tokens)  # warm-up
+        before = {name: rss_mb(process.pid) for name, (process, _, _) in servers.items()}
+        parts: dict[str, list] = {name: [] for name in servers}
+        for _ in range(args.rounds):
+            for name, (_, url, model) in servers.items():
+                parts[name].append(run_load(url, model, clients=args.clients, max_tokens=args.max_tokens,
+                                            requests_per_client=max(1, args.requests // args.rounds),
+                                            prompt=args.prompt))
+        for name, (process, _, _) in servers.items():
+            after = rss_mb(process.pid)
+            results[name].update(combine(parts[name]), rss_before_mb=before[name], rss_after_mb=after,
+                                 rss_growth_mb=after - before[name])
+    finally:
+        for process, _, _ in servers.values():
+            stop_server(process)
+    for name, (params, source, _) in versions.items():  # default limits
+        process, url, model = start(args.model, params, workdir / f"{name}-default.log", source)
         try:
-            model_name = httpx.get(f"{base_url}/v1/models").json()["data"][0]["id"]
-            if name == "speed":
-                load = dict(clients=args.clients, requests_per_client=args.requests, max_tokens=args.max_tokens,
-                            prompt=args.prompt)
-                result.update(measure(base_url, model_name, process.pid, **load))
-            else:
-                result["overload"] = count_429(base_url, model_name, args.overload_clients, args.requests,
-                                               args.max_tokens)
+            results[name]["overload"] = count_429(url, model, args.overload_clients, args.requests, args.max_tokens)
         finally:
             stop_server(process)
-    return result
+    return results
 
 
 def main() -> None:
@@ -223,6 +260,7 @@ def main() -> None:
     parser.add_argument("--prompt", default="ROMEO:\n")
     parser.add_argument("--overload-clients", type=int, default=16, help="clients of the overload measurement")
     parser.add_argument("--baseline-ref", help="also measure the server of this git commit, in the same run")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating measurement rounds (with --baseline-ref)")
     parser.add_argument("--params", default="params.yaml", help="without --url: the server's parameters")
     parser.add_argument("--out", type=Path, default=Path("bench-server.json"))
     args = parser.parse_args()
@@ -232,17 +270,19 @@ def main() -> None:
         result = measure(args.url.rstrip("/"), args.model, args.pid, **load)
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            log = args.out.with_suffix(".log")
-            result = bench_server(args.model, Path(args.params), log, args, None,
-                                  {"batch_size": args.clients}, {})
+            versions = {"this": (Path(args.params), None, {"batch_size": args.clients})}
             if args.baseline_ref:
                 source = checkout(args.baseline_ref, Path(tmp) / "baseline")
-                baseline = bench_server(args.model, source / "params.yaml", log, args, source,
-                                        {"max_concurrent": args.clients}, {})
-                result["baseline"] = {"ref": args.baseline_ref, **baseline}
-                result["tokens_per_second_vs_baseline"] = result["tokens_per_second"] / baseline["tokens_per_second"]
-                result["p95_vs_baseline"] = result["p95_ms"] / baseline["p95_ms"]
-    result.update(model=args.model, cpu_count=os.cpu_count())
+                versions["baseline"] = (source / "params.yaml", source, {"max_concurrent": args.clients})
+            results = bench_servers(versions, args, Path(tmp))
+        result = results["this"]
+        if args.baseline_ref:
+            baseline = results["baseline"]
+            result["baseline"] = {"ref": args.baseline_ref, **baseline}
+            result["tokens_per_second_vs_baseline"] = result["tokens_per_second"] / baseline["tokens_per_second"]
+            result["p95_vs_baseline"] = result["p95_ms"] / baseline["p95_ms"]
+    result.update(model=args.model, cpu_count=os.cpu_count(), date=time.strftime("%Y-%m-%d"),
+                  load_average_at_end=round(os.getloadavg()[0], 1))  # other work on the machine
     report(result, args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
