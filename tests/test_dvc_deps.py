@@ -11,60 +11,13 @@ price of depending on the whole package would be that an edit to the server reru
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import pytest
 import yaml
 
 from helpers import REPO_ROOT
-
-SRC = REPO_ROOT / "src"
-
-
-def module_file(name: str) -> Path | None:
-    """The file of an ``openllm`` module (or package), else None."""
-    base = SRC.joinpath(*name.split("."))
-    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def imported_modules(path: Path, module: str) -> set[str]:
-    """``openllm`` modules that ``path`` (module ``module``) imports, anywhere in the file."""
-    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
-    found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names if alias.name.split(".")[0] == "openllm")
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".")
-                base = base[: len(base) - node.level + 1]
-                target = ".".join(base + ([node.module] if node.module else []))
-            elif node.module and node.module.split(".")[0] == "openllm":
-                target = node.module
-            else:
-                continue
-            found.add(target)
-            found.update(f"{target}.{alias.name}" for alias in node.names if module_file(f"{target}.{alias.name}"))
-    return found
-
-
-def closure(module: str) -> set[Path]:
-    """Every project file that running ``module`` may load."""
-    seen: set[str] = set()
-    todo = [module]
-    while todo:
-        name = todo.pop()
-        parts = name.split(".")
-        for i in range(1, len(parts) + 1):  # the packages on the way are imported first
-            prefix = ".".join(parts[:i])
-            if prefix not in seen and module_file(prefix):
-                seen.add(prefix)
-                todo.extend(imported_modules(module_file(prefix), prefix))
-    return {module_file(name).relative_to(REPO_ROOT) for name in seen}
+from openllm.closure import closure
 
 
 def stages() -> dict[str, dict]:

@@ -617,7 +617,7 @@ def test_model_lineage(http: httpx.Client, generators: dict[str, OnnxGenerator])
     lineage = card["lineage"]
     assert card["id"] == "step-20" and lineage["checkpoint_step"] == 20
     assert lineage["onnx_sha256"] == config["sha256"]["model.onnx"]
-    assert set(lineage) >= {"git_sha", "data_sha256", "tokenizer_sha256", "params_sha256", "val_bits_per_byte",
+    assert set(lineage) >= {"code_sha256", "data_sha256", "tokenizer_sha256", "params_sha256", "val_bits_per_byte",
                             "registry_version", "mlflow_run_id"}
 
 

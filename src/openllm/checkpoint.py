@@ -60,6 +60,7 @@ class CheckpointMeta:
     learning_rates_sha256: str = ""  # the rates of updates 1..step (Schedule.digest): how it got here
     data_sha256: str = ""
     tokenizer_sha256: str = ""
+    code_sha256: str = ""  # the train stage's source files (openllm.closure.code_sha256)
     bytes_per_token_val: float | None = None
     threads: int = 0
     world_size: int = 1

@@ -16,10 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from . import checkpoint as ckpt
+from .closure import code_sha256
 from .config import Params
 from .schedule import Schedule
 
 log = logging.getLogger("openllm.train")
+TRAIN_CODE_SHA256 = code_sha256("openllm.stages.train")  # the files dvc.yaml lists for train
 
 # Settings that do not change the weights a step produces: a state made under other values
 # of these is still reused (the schedule is compared step by step instead).
@@ -37,9 +39,11 @@ def weights_params_hash(params: Params) -> str:
 
 
 def resume_key(params: Params, data_meta: dict[str, Any], world_size: int) -> str:
-    """What a saved state must share with this run to be continued (the schedule is compared apart)."""
+    """What a saved state must share with this run to be continued (the schedule is compared apart):
+    the settings, the data, the tokenizer, the process count and the code the train stage runs."""
     key = weights_params_hash(params)
-    return f"{key}:{data_meta['train']['sha256']}:{data_meta['tokenizer_sha256']}:world{world_size}"
+    return (f"{key}:{data_meta['train']['sha256']}:{data_meta['tokenizer_sha256']}:world{world_size}:"
+            f"code{TRAIN_CODE_SHA256[:16]}")
 
 
 def reusable(folder: Path, key: str, schedule: Schedule) -> ckpt.CheckpointMeta | None:

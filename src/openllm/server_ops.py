@@ -14,11 +14,13 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from . import tracking
 from .batching import Scheduler
 from .runtime import OnnxGenerator
 
@@ -94,6 +96,14 @@ class Metrics:
         app.add_middleware(CountRequests)
 
 
+def training_run(source: str) -> str | None:
+    """The MLflow run that trained an export folder's checkpoint (models/export/step-N), if known here."""
+    folder = Path(str(source))
+    if not folder.is_dir():
+        return None  # a models:/ URI: the registry version names its run
+    return tracking.read_run_id(folder.parent.parent / "checkpoints")
+
+
 def lineage(generator: OnnxGenerator) -> dict[str, Any]:
     """Where a served model comes from: code, data, tokenizer, parameters, checkpoint, registry."""
     config = generator.config
@@ -101,14 +111,14 @@ def lineage(generator: OnnxGenerator) -> dict[str, Any]:
     evaluation = config.get("evaluation") or {}
     return {
         "source": generator.source,
-        "git_sha": meta.get("git_sha"),
+        "code_sha256": meta.get("code_sha256"),  # the training code (git sha: the MLflow run's tags)
         "data_sha256": meta.get("data_sha256"),
         "tokenizer_sha256": meta.get("tokenizer_sha256"),
         "params_sha256": meta.get("params_sha256"),
         "checkpoint_step": config.get("step", meta.get("step")),
         "val_loss": evaluation.get("val_loss", config.get("val_loss")),
         "val_bits_per_byte": evaluation.get("val_bits_per_byte"),
-        "mlflow_run_id": meta.get("mlflow_run_id"),
+        "mlflow_run_id": training_run(generator.source),
         "onnx_sha256": config.get("sha256", {}).get(config.get("files", {}).get("model", "")),
         "registry_version": getattr(generator, "registry_version", None),
         "context_length": generator.context_length,

@@ -43,7 +43,7 @@ from .paths import TRAIN_SUMMARY
 from .perf import fingerprint
 from .runlog import RunLogger
 from .sampling import Sampling
-from .resume import ResumePlan, plan_resume, resume_key, tidy_checkpoints, weights_params_hash
+from .resume import TRAIN_CODE_SHA256, ResumePlan, plan_resume, resume_key, tidy_checkpoints, weights_params_hash
 from .schedule import Schedule
 from .tokenizer import load_tokenizer, load_tokens
 from .torch_generate import generate_text
@@ -216,7 +216,7 @@ class Trainer:
             step=p.step, tokens_seen=p.tokens_seen, train_loss=p.last_train_loss, val_loss=p.last_val_loss,
             parameters=self.model.num_parameters(), params_sha256=weights_params_hash(self.params),
             resume_key=self.key, learning_rates_sha256=self.schedule.digest(p.step),
-            data_sha256=self.data_meta["train"]["sha256"],
+            data_sha256=self.data_meta["train"]["sha256"], code_sha256=TRAIN_CODE_SHA256,
             tokenizer_sha256=self.data_meta["tokenizer_sha256"],
             bytes_per_token_val=self.data_meta["bytes_per_token"]["val"], threads=torch.get_num_threads(),
             world_size=self.setup.world_size, precision=self.setup.precision_name, compiled=self.setup.compile,
