@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import os
+import random
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -92,3 +94,24 @@ def snapshot_tree(folder: str | Path) -> dict[str, tuple[bytes, int]]:
         str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
         for p in sorted(folder.rglob("*")) if p.is_file()
     }
+
+
+def corpus_text(seed: int, words: int) -> str:
+    """Pseudo-words from syllables: enough distinct pairs for a 512-piece vocabulary."""
+    rng = random.Random(seed)
+    syllables = "ka lo mi ne ru sa to vi el an or is um be da fi go hu ja ze qu wy xo pé ñu".split()
+    lexicon = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(600)]
+    lines, line = [], []
+    for _ in range(words):
+        line.append(rng.choice(lexicon))
+        if len(line) >= rng.randint(6, 14):
+            lines.append(" ".join(line).capitalize() + rng.choice([".", ",", "!", ";"]))
+            line = []
+    return "\n".join(lines) + "\n"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import re
 import shutil
 import subprocess
@@ -13,23 +12,9 @@ import sys
 import pytest
 import yaml
 
-from helpers import TINY_PIPELINE, deep_merge, snapshot_tree, subprocess_env, write_params
+from helpers import TINY_PIPELINE, corpus_text, deep_merge, snapshot_tree, subprocess_env, write_params
 
 STAGES = ("download", "tokenize")  # dvc.yaml has later stages; only these two are run here
-
-
-def corpus_text(seed: int, words: int) -> str:
-    """Pseudo-words from syllables: enough distinct pairs for a 512-piece vocabulary."""
-    rng = random.Random(seed)
-    syllables = "ka lo mi ne ru sa to vi el an or is um be da fi go hu ja ze qu wy xo pé ñu".split()
-    lexicon = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(600)]
-    lines, line = [], []
-    for _ in range(words):
-        line.append(rng.choice(lexicon))
-        if len(line) >= rng.randint(6, 14):
-            lines.append(" ".join(line).capitalize() + rng.choice([".", ",", "!", ";"]))
-            line = []
-    return "\n".join(lines) + "\n"
 
 
 @pytest.fixture

@@ -79,7 +79,7 @@ def make_params(**train_overrides: Any):
     return parse_params(overrides(**train_overrides))
 
 
-def write_params(path: Path, values: dict[str, Any]) -> None:
+def write_yaml(path: Path, values: dict[str, Any]) -> None:
     path.write_text(yaml.safe_dump(values, sort_keys=False), encoding="utf-8")
 
 
@@ -123,7 +123,7 @@ class Project:
         return run_id_path(self.ck).read_text().strip()
 
     def write_params(self, **train_overrides: Any) -> None:
-        write_params(self.root / "params.yaml", overrides(**train_overrides))
+        write_yaml(self.root / "params.yaml", overrides(**train_overrides))
 
     # in-process
     def train(self, monkeypatch, **train_overrides: Any) -> dict[str, Any]:
@@ -758,7 +758,7 @@ def test_mlflow_run_params_metrics_tags_and_samples(project: Project, monkeypatc
 def test_cli_without_tokenized_data_fails_with_one_line(tmp_path: Path) -> None:
     root = tmp_path / "empty"
     root.mkdir()
-    write_params(root / "params.yaml", overrides())
+    write_yaml(root / "params.yaml", overrides())
     proc = subprocess.run([sys.executable, "-m", "openllm", "train"], cwd=root, capture_output=True, text=True,
                           env=subprocess_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}"),
                           timeout=SUBPROCESS_TIMEOUT)
@@ -873,7 +873,7 @@ def test_params_that_cannot_train_leave_the_checkpoints_alone(project: Project, 
     values = overrides(max_steps=10, checkpoint_steps=[10])
     for section, changes in bad.items():
         values[section] = {**values.get(section, {}), **changes}
-    write_params(project.root / "params.yaml", values)
+    write_yaml(project.root / "params.yaml", values)
     rc, out = project.cli("bad.log")
     assert rc == 2 and "Traceback" not in out, out
     assert len(error_lines(out)) == 1 and message in error_lines(out)[0], out
