@@ -179,6 +179,18 @@ def test_export_error_is_an_openllm_error() -> None:
     assert issubclass(ExportError, OpenLLMError)
 
 
+def test_unigram_tokenizer_names_the_switches_that_need_bpe(tmp_path: Path) -> None:
+    from openllm.config import TokenizerConfig
+    from openllm.huggingface import HuggingFaceError, hf_tokenizer
+    from openllm.tokenizer import train_tokenizer
+
+    unigram = tmp_path / "unigram.model"
+    train_tokenizer([text * 20 for text in TINY_DOCS.values()], TokenizerConfig(vocab_size=340, model_type="unigram"),
+                    unigram)
+    with pytest.raises(HuggingFaceError, match="export.huggingface and export.genai to false"):
+        hf_tokenizer(unigram)
+
+
 # ---------------------------------------------------------------- int8
 
 
@@ -190,8 +202,7 @@ def test_int8_model_runs_and_is_measured(export_dir: Path, generator: OnnxGenera
     result = int8.generate("Hello", Sampling(temperature=0.0, max_new_tokens=8))
     assert 0 < result.completion_tokens <= 8
     figures = read_json(export_dir / "export.json")["int8"]
-    for key in ("bits_per_byte_fp32", "bits_per_byte_int8", "bits_per_byte_change", "decode_speedup",
-                "decode_tokens_per_second_fp32", "decode_tokens_per_second_int8"):
+    for key in ("bits_per_byte_fp32", "bits_per_byte_int8", "bits_per_byte_change", "perplexity_change_percent"):
         assert np.isfinite(figures[key]), key
     assert abs(figures["bits_per_byte_change"]) < 0.05
 

@@ -39,7 +39,7 @@ def store(tmp_path_factory) -> dict:
         training_run = run.info.run_id
     checkpoints = root / "models" / "checkpoints"
     checkpoints.mkdir(parents=True)
-    (checkpoints / tracking.RUN_ID_FILE).write_text(training_run)
+    tracking.write_run_id(checkpoints, training_run)
     cfg = ExportConfig(quantize=False, huggingface=False, register_model=True)
     reports = {}
     for step, val_loss, bpb in ((10, 4.0, 2.5), (20, 4.5, 2.75)):

@@ -47,7 +47,8 @@ def hf_tokenizer(tokenizer_path: Path):
     kind = spm_pb.ModelProto.SentencePiece.Type
     if proto.trainer_spec.model_type != spm_pb.TrainerSpec.BPE:
         raise HuggingFaceError("the Hugging Face and onnxruntime-genai tokenizers need a BPE tokenizer "
-                               "(tokenizer.model_type: bpe); set export.huggingface: false for a unigram one")
+                               "(tokenizer.model_type: bpe); set export.huggingface and export.genai to false "
+                               "for a unigram one")
     vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
     normal = {p.piece: i for i, p in enumerate(proto.pieces) if p.type == kind.NORMAL}
     merges = sorted(
