@@ -129,6 +129,19 @@ def test_missing_figures_stop_the_build_with_the_command_to_run(site_source: Pat
     assert done.returncode != 0 and "run `make docs`" in done.stderr
 
 
+def test_export_figures_of_an_int8_export(session_dir: Path, tmp_path: Path) -> None:
+    from fixtures_export import build_export
+    from openllm import docs_figures
+    from openllm.config import load_params
+
+    folder = build_export(session_dir / "docs-int8", quantize=True, huggingface=False)
+    project = docs_figures.Project(tmp_path, load_params(REPO_ROOT / "params.yaml"), [], [(10, folder)])
+    docs_figures.export_facts(project, tmp_path)
+    text = (tmp_path / "export.md").read_text()
+    assert "model.int8.onnx`" in text and "The int8 model scores" in text and "% perplexity" in text
+    assert "`model.attention.onnx`" in text and "is missing" not in text
+
+
 def test_figures_need_checkpoints(tmp_path: Path) -> None:
     shutil.copy(REPO_ROOT / "params.yaml", tmp_path)
     done = subprocess.run([sys.executable, "-m", "openllm.docs_figures", "--root", str(tmp_path),
