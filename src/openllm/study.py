@@ -1,0 +1,389 @@
+"""Studies at a fixed compute budget: one cell of a grid trained for its FLOPs, then scored.
+
+A cell is one point of the grid: a budget in training FLOPs, a model shape (``n_layer``,
+``n_embd``) and the optimizer, peak learning rate, schedule and batch size. The budget is model
+FLOPs, not seconds: a cell trains ``floor(budget / (flops_per_token x batch x context))`` steps,
+``flops_per_token`` from :meth:`GPT.estimate_flops_per_token`, so the same cell takes the same
+steps on any machine, however loaded, and DVC can cache it. Wall-clock time is measured and sent
+to MLflow, never into the cell's result.
+
+Training calls the train stage's own pieces (:func:`~openllm.train.train_step`,
+:class:`~openllm.train.TrainingState`, the window sampler, :class:`~openllm.schedule.Schedule`,
+:func:`~openllm.optim.build_optimizer`); scoring is the evaluate stage's: consecutive windows of
+``context_length`` tokens over the validation split, stride ``context_length``, every token but
+the first predicted once, bits per byte from :func:`~openllm.scoring.language_metrics`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import numpy as np
+import yaml
+from pydantic import Field, ValidationError
+
+from .config import ConfigError, ModelConfig, Section, TrainConfig
+from .fileio import read_json
+
+TERA = 1e12
+CELL_AXES = ("tflops", "n_layer", "n_embd", "optimizer", "learning_rate", "schedule", "batch_size")
+GRID_LEVERS = {"max_steps", "checkpoint_steps", "optimizer", "learning_rate", "min_learning_rate", "schedule",
+               "batch_size"}  # set per cell, not in the shared train settings
+
+
+class StudyError(ConfigError):
+    """A study setting cannot work (budget too small for the warmup, unknown key, ...)."""
+
+
+class ShapeConfig(Section):
+    """What every cell's model shares; ``n_layer`` and ``n_embd`` come from the grid."""
+
+    context_length: int = Field(256, gt=1, description="tokens the model attends over (also the scoring window)")
+    head_dim: int = Field(32, gt=0, description="width of one attention head: n_head = n_embd / head_dim")
+    mlp_ratio: float = Field(2.75, gt=0, description="SwiGLU width: intermediate_size = round(mlp_ratio x n_embd)")
+
+
+class ScoreConfig(Section):
+    batch_size: int = Field(8, gt=0, description="validation windows per forward pass")
+    max_tokens: int | None = Field(None, gt=1, description="score only the first N validation tokens; null = all")
+
+
+Positive = Annotated[int | float, Field(gt=0)]
+Count = Annotated[int, Field(gt=0)]
+
+
+class GridConfig(Section):
+    """The grid: every combination of these lists is a cell (a DVC ``matrix`` stage)."""
+
+    # int | float: a cell's name is its values as written (6, not 6.0), as DVC's stage names are
+    tflops: list[Positive] = Field(min_length=1, description="training budget per cell, 10^12 model FLOPs")
+    n_layer: list[Count] = Field(min_length=1, description="transformer blocks")
+    n_embd: list[Count] = Field(min_length=1, description="width of the residual stream")
+    optimizer: list[Literal["adamw", "muon"]] = Field(min_length=1)
+    learning_rate: list[Positive] = Field(min_length=1, description="peak learning rates")
+    schedule: list[Literal["wsd", "cosine"]] = Field(min_length=1)
+    batch_size: list[Count] = Field(min_length=1, description="sequences per optimizer step")
+
+
+class StudyMlflowConfig(Section):
+    experiment: str = Field("openllm-studies", min_length=1, description="MLflow experiment of the study runs")
+    study: str = Field("budget", min_length=1, description="name of the study run (its cells are child runs)")
+
+
+class StudyConfig(Section):
+    model: ShapeConfig = ShapeConfig()
+    train: dict[str, Any] = Field({}, description="TrainConfig fields every cell shares (not the grid's levers)")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final learning rate / peak")
+    score: ScoreConfig = ScoreConfig()
+    grid: GridConfig
+    mlflow: StudyMlflowConfig = StudyMlflowConfig()
+
+    def digest(self, data_sha256: str) -> str:
+        """sha256 of everything cells share (not the grid): equal digests, one study run."""
+        shared = self.model_dump(include={"model", "train", "min_lr_ratio", "score"}) | {"data": data_sha256}
+        return hashlib.sha256(json.dumps(shared, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Cell:
+    tflops: int | float
+    n_layer: int
+    n_embd: int
+    optimizer: str
+    learning_rate: int | float
+    schedule: str
+    batch_size: int
+
+    @property
+    def name(self) -> str:
+        """The values joined by '-', in grid order: the name DVC gives the cell's stage (``cell@<name>``)."""
+        return "-".join(str(getattr(self, axis)) for axis in CELL_AXES)
+
+
+def load_study(path: str | Path) -> StudyConfig:
+    """Read and validate a study's params.yaml; a bad value raises :class:`StudyError` naming it."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        study = StudyConfig.model_validate(raw if raw is not None else {})
+    except FileNotFoundError:
+        raise StudyError(f"{path}: file not found") from None
+    except yaml.YAMLError as exc:
+        raise StudyError(f"{path}: invalid YAML: {exc}") from None
+    except ValidationError as exc:
+        problems = [f"{'.'.join(map(str, e['loc']))}={e.get('input')!r}: {e['msg']}" for e in exc.errors()]
+        raise StudyError(f"{path}: " + "; ".join(problems)) from None
+    levers = sorted(GRID_LEVERS & set(study.train))
+    if levers:
+        raise StudyError(f"{path}: train.{levers[0]} is set per cell (grid or budget), not in train")
+    return study
+
+
+def grid_cells(grid: GridConfig) -> list[Cell]:
+    """Every combination of the grid's lists, in the order DVC's ``matrix`` runs them."""
+    return [Cell(*values) for values in itertools.product(*(getattr(grid, axis) for axis in CELL_AXES))]
+
+
+def model_config(study: StudyConfig, cell: Cell, vocab_size: int):
+    """The cell's :class:`~openllm.model.GPTConfig`; an impossible shape raises :class:`StudyError`."""
+    from .model import GPTConfig
+
+    if cell.n_embd % study.model.head_dim:
+        raise StudyError(f"n_embd={cell.n_embd} must be a multiple of model.head_dim={study.model.head_dim}")
+    shape = {"n_layer": cell.n_layer, "n_embd": cell.n_embd, "n_head": cell.n_embd // study.model.head_dim,
+             "intermediate_size": round(study.model.mlp_ratio * cell.n_embd),
+             "context_length": study.model.context_length}
+    try:
+        return GPTConfig(vocab_size=vocab_size, **ModelConfig(**shape).resolved())
+    except (ValueError, ValidationError) as exc:
+        raise StudyError(f"cell {cell.name}: {str(exc).splitlines()[-1].strip()}") from None
+
+
+def budget_steps(cell: Cell, flops_per_token: int, context: int) -> int:
+    """Optimizer steps the cell's budget buys: whole steps, never more FLOPs than the budget."""
+    return int(cell.tflops * TERA // (flops_per_token * cell.batch_size * context))
+
+
+def train_config(study: StudyConfig, cell: Cell, steps: int) -> TrainConfig:
+    """The shared train settings with the cell's levers and its step count."""
+    if steps <= study.train.get("warmup_steps", TrainConfig().warmup_steps):
+        raise StudyError(f"cell {cell.name}: its budget of {cell.tflops} TFLOPs buys {steps} steps, not more than "
+                         "the warmup (raise grid.tflops or lower train.warmup_steps)")
+    try:
+        return TrainConfig(**study.train, max_steps=steps, checkpoint_steps=[steps], optimizer=cell.optimizer,
+                           learning_rate=cell.learning_rate, min_learning_rate=cell.learning_rate * study.min_lr_ratio,
+                           schedule=cell.schedule, batch_size=cell.batch_size)
+    except ValidationError as exc:
+        raise StudyError(f"cell {cell.name}: " + "; ".join(
+            f"train.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
+
+
+def run_cell(study: StudyConfig, cell: Cell, tokenized_dir: Path) -> tuple[dict[str, Any], dict[str, float]]:
+    """Train one cell for its budget and score it: ``(result, timings)``.
+
+    The result holds only what a rerun on the same machine reproduces; timings go to MLflow.
+    """
+    import torch
+
+    from .device import compile_model, resolve_device
+    from .model import GPT
+    from .optim import build_optimizer
+    from .schedule import Schedule
+    from .tokenizer import load_tokens
+    from .train import TrainingState, train_step
+    from .windows import WindowSampler
+
+    meta = read_json(Path(tokenized_dir) / "meta.json")
+    config = model_config(study, cell, meta["vocab_size"])
+    context = config.context_length
+    flops_per_token = GPT(config).estimate_flops_per_token()  # a throwaway: the real one is seeded below
+    cfg = train_config(study, cell, budget_steps(cell, flops_per_token, context))
+    setup = resolve_device(cfg.device, cfg.precision, cfg.compile, cfg.deterministic, distributed=False)
+    torch.manual_seed(cfg.seed)
+    model = GPT(config).to(setup.device).train()
+    sampler = WindowSampler(load_tokens(Path(tokenized_dir), "train"), context, cfg.seed)
+    state = TrainingState(build_optimizer(model, cfg.optimizer, cfg.learning_rate, cfg.weight_decay,
+                                          (cfg.beta1, cfg.beta2)), sampler)
+    schedule, progress = Schedule.from_config(cfg), state.progress
+    started = time.perf_counter()  # compiling counts: it is part of what a cell costs
+    forward = model
+    if setup.compile:
+        x, _ = sampler.batch(torch.zeros(cfg.batch_size, dtype=torch.long), setup.device)
+        forward = compile_model(model, x, setup, required=cfg.compile == "true")
+    diverged = False
+    while progress.step < cfg.max_steps and not diverged:
+        batch = sampler.batch(sampler.next_starts(cfg.batch_size), setup.device)
+        loss, _ = train_step(forward, model, state.optimizer, [batch], schedule.lr(progress.step), cfg.grad_clip,
+                             setup)
+        diverged = not math.isfinite(loss)  # a lever that diverges is a result, not an error
+        if not diverged:
+            progress.step += 1
+            progress.tokens_seen += cfg.batch_size * context
+            progress.last_train_loss = loss
+    train_seconds = time.perf_counter() - started
+    scores = score_validation(model, Path(tokenized_dir), meta, study.score, setup)
+    result = {
+        "cell": asdict(cell), "name": cell.name, "model": config.to_dict(), "parameters": model.num_parameters(),
+        "flops_per_token": flops_per_token, "steps": progress.step, "tokens": progress.tokens_seen,
+        "train_flops": flops_per_token * progress.tokens_seen, "budget_flops": cell.tflops * TERA,
+        "warmup_steps": cfg.warmup_steps, "train_loss": progress.last_train_loss if progress.step else None,
+        "diverged": diverged, "precision": setup.precision_name, "data_sha256": meta["train"]["sha256"],
+        **(scores if not diverged else {"val_protocol": scores["val_protocol"]}),
+    }
+    return result, {"train_seconds": train_seconds,
+                    "train_tokens_per_second": progress.tokens_seen / max(train_seconds, 1e-9)}
+
+
+def score_validation(model, tokenized_dir: Path, meta: dict[str, Any], cfg: ScoreConfig, setup) -> dict[str, Any]:
+    """Bits per byte over the validation split (or its first ``max_tokens``), with the protocol."""
+    from .evaluate import token_nats
+    from .scoring import language_metrics
+    from .tokenizer import load_tokenizer, load_tokens
+
+    tokens, text_bytes = load_tokens(tokenized_dir, "val"), meta["val"]["bytes"]
+    capped = cfg.max_tokens is not None and cfg.max_tokens < len(tokens)
+    if capped:
+        tokens = np.asarray(tokens[: cfg.max_tokens])
+        text_bytes = len(load_tokenizer(tokenized_dir / meta["tokenizer"]).decode(tokens.tolist()).encode("utf-8"))
+    context = model.config.context_length
+    model.eval()
+    with setup.autocast():
+        total, count = token_nats(model, tokens, cfg.batch_size)
+    figures = language_metrics(total, count, text_bytes)
+    return {"val_bits_per_byte": figures["bits_per_byte"], "val_loss": figures["loss"], "val_tokens": count,
+            "val_bytes": text_bytes,
+            "val_protocol": {"window": context, "stride": context, "tokens": "first " + str(len(tokens))
+                             if capped else "all"}}
+
+
+# --- MLflow: one study run, a child run per cell ---------------------------------------------------
+
+
+def study_run_id(mlflow, study: StudyConfig, data_sha256: str) -> str:
+    """The study's parent run (found by its digest, else created): cells of one setup share it."""
+    from .tracking import flatten
+
+    digest = study.digest(data_sha256)
+    found = mlflow.search_runs(filter_string=f"tags.`openllm.study_digest` = '{digest}'", max_results=1,
+                               output_format="list")
+    if found:
+        return found[0].info.run_id
+    tags = {"openllm.study": study.mlflow.study, "openllm.study_digest": digest}
+    with mlflow.start_run(run_name=f"{study.mlflow.study}-{digest[:7]}", tags=tags) as run:
+        mlflow.log_params(flatten(study.model_dump(exclude={"grid", "mlflow"}), "shared."))
+        return run.info.run_id
+
+
+def log_cell(study: StudyConfig, result: dict[str, Any], timings: dict[str, float]) -> str:
+    """Log a cell as a child run of the study run; return the child's run id."""
+    from . import tracking
+
+    mlflow = tracking.setup(study.mlflow.experiment)
+    parent = study_run_id(mlflow, study, result["data_sha256"])
+    tags = tracking.run_tags({"openllm.study": study.mlflow.study, "openllm.cell": result["name"]})
+    with mlflow.start_run(run_name=result["name"], parent_run_id=parent, tags=tags) as run:
+        mlflow.log_params(result["cell"] | {"parameters": result["parameters"], "steps": result["steps"]})
+        figures = {k: result[k] for k in ("val_bits_per_byte", "val_loss", "train_loss", "train_flops") if
+                   isinstance(result.get(k), (int, float))}
+        mlflow.log_metrics(figures | timings)
+        return run.info.run_id
+
+
+def log_study_files(study: StudyConfig, data_sha256: str, paths: list[Path]) -> str:
+    """Attach the table and plots to the study run; return its id."""
+    from . import tracking
+
+    mlflow = tracking.setup(study.mlflow.experiment)
+    run_id = study_run_id(mlflow, study, data_sha256)
+    with mlflow.start_run(run_id=run_id):
+        for path in paths:
+            mlflow.log_artifact(str(path))
+    return run_id
+
+
+
+# --- the table and plots, from the cells' result files -----------------------------------------
+
+
+def collect_results(cells_dir: Path, cells: list[Cell]) -> list[dict[str, Any]]:
+    """The results of the grid's cells (files of cells no longer in the grid are left out)."""
+    rows = []
+    for cell in cells:
+        path = Path(cells_dir) / f"{cell.name}.json"
+        if not path.is_file():
+            raise StudyError(f"{path} not found: run the cell's stage (dvc repro) first")
+        rows.append(read_json(path))
+    return rows
+
+
+def fit_power_law(x: list[float], y: list[float], min_r2: float = 0.9) -> dict[str, float] | None:
+    """``y = a * x**b`` fitted by least squares in log-log space; None when it does not fit.
+
+    It fits when there are at least three distinct ``x`` and the fit explains ``min_r2`` of
+    the variance of ``log y``.
+    """
+    points = [(a, b) for a, b in zip(x, y) if a and b and a > 0 and b > 0 and math.isfinite(b)]
+    if len({a for a, _ in points}) < 3:
+        return None
+    log_x, log_y = np.log([a for a, _ in points]), np.log([b for _, b in points])
+    slope, intercept = np.polyfit(log_x, log_y, 1)
+    residual = log_y - (intercept + slope * log_x)
+    spread = float(np.sum((log_y - log_y.mean()) ** 2))
+    r2 = 1.0 - float(np.sum(residual**2)) / spread if spread > 0 else 0.0
+    return {"a": float(math.exp(intercept)), "b": float(slope), "r2": r2} if r2 >= min_r2 else None
+
+
+def study_fits(rows: list[dict[str, Any]]) -> dict[str, dict[str, float] | None]:
+    """Power laws of bits per byte against parameters (per budget) and against compute (best cell per budget)."""
+    scored = [r for r in rows if r.get("val_bits_per_byte") is not None]
+    fits: dict[str, dict[str, float] | None] = {}
+    for tflops in sorted({r["cell"]["tflops"] for r in scored}):
+        same = [r for r in scored if r["cell"]["tflops"] == tflops]
+        fits[f"parameters at {tflops:g} TFLOPs"] = fit_power_law([r["parameters"] for r in same],
+                                                                  [r["val_bits_per_byte"] for r in same])
+    best = {}
+    for r in scored:
+        key = r["cell"]["tflops"]
+        if key not in best or r["val_bits_per_byte"] < best[key]["val_bits_per_byte"]:
+            best[key] = r
+    fits["compute (best cell per budget)"] = fit_power_law([r["train_flops"] for r in best.values()],
+                                                           [r["val_bits_per_byte"] for r in best.values()])
+    return fits
+
+
+def table_markdown(rows: list[dict[str, Any]], fits: dict[str, dict[str, float] | None]) -> str:
+    """One row per cell, best first, then the protocol and the fitted power laws."""
+    lines = ["| cell | TFLOPs | layers | width | parameters | optimizer | lr | schedule | batch | steps | tokens "
+             "| val bits/byte |", "|" + " --- |" * 12]
+    for r in sorted(rows, key=lambda r: (r.get("val_bits_per_byte") is None, r.get("val_bits_per_byte") or 0)):
+        c, bpb = r["cell"], r.get("val_bits_per_byte")
+        lines.append(f"| {r['name']} | {c['tflops']:g} | {c['n_layer']} | {c['n_embd']} | {r['parameters']:,} "
+                     f"| {c['optimizer']} | {c['learning_rate']:g} | {c['schedule']} | {c['batch_size']} "
+                     f"| {r['steps']:,} | {r['tokens']:,} | {'diverged' if bpb is None else f'{bpb:.4f}'} |")
+    if rows:
+        p = rows[0]["val_protocol"]
+        lines += ["", f"Scored on the validation split ({p['tokens']} tokens): consecutive windows of {p['window']} "
+                      f"tokens, stride {p['stride']}. Budget: model training FLOPs "
+                      "(6 x non-embedding parameters and head + attention, per token)."]
+    lines += ["", "| power law | a | exponent | R² |", "| --- | --- | --- | --- |"]
+    for label, fit in fits.items():
+        lines.append(f"| bits/byte vs {label} | " + (f"{fit['a']:.4g} | {fit['b']:.4f} | {fit['r2']:.3f} |"
+                                                    if fit else "does not fit (fewer than 3 points or R² < 0.9) | | |"))
+    return "\n".join(lines) + "\n"
+
+
+def draw_plots(rows: list[dict[str, Any]], fits: dict[str, dict[str, float] | None], folder: Path) -> list[Path]:
+    """Bits per byte against parameters and against training FLOPs, with the power laws that fit."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    scored = [r for r in rows if r.get("val_bits_per_byte") is not None]
+    written = []
+    for x_key, label, fit_prefix, name in (("parameters", "parameters", "parameters", "bpb_vs_parameters.png"),
+                                           ("train_flops", "training FLOPs", "compute", "bpb_vs_compute.png")):
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for tflops in sorted({r["cell"]["tflops"] for r in scored}):
+            same = [r for r in scored if r["cell"]["tflops"] == tflops]
+            ax.scatter([r[x_key] for r in same], [r["val_bits_per_byte"] for r in same], label=f"{tflops:g} TFLOPs")
+        for fit_label, fit in fits.items():
+            if fit and fit_label.startswith(fit_prefix):
+                xs = np.geomspace(min(r[x_key] for r in scored), max(r[x_key] for r in scored), 50)
+                ax.plot(xs, fit["a"] * xs ** fit["b"], "--", label=f"{fit_label}: exponent {fit['b']:.3f}")
+        ax.set(xscale="log", xlabel=label, ylabel="validation bits per byte", title=f"Bits per byte against {label}")
+        ax.grid(alpha=0.3)
+        if scored:
+            ax.legend(fontsize=7)
+        written.append(folder / name)
+        fig.savefig(written[-1], dpi=100, bbox_inches="tight")
+        plt.close(fig)
+    return written

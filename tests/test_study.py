@@ -1,0 +1,186 @@
+"""The budget study (studies/budget): its settings, budget arithmetic, power-law fit, and a real
+``dvc repro`` of its pipeline in a throwaway git repository (cached cells, MLflow child runs)."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from helpers import REPO_ROOT, corpus_text, snapshot_tree, subprocess_env, write_params
+from openllm.closure import closure, imported_modules
+from openllm.model import GPT
+from openllm.study import (Cell, StudyError, budget_steps, fit_power_law, grid_cells, load_study, model_config,
+                           train_config)
+
+STUDY = REPO_ROOT / "studies" / "budget"
+
+# Two cells of a 1-layer model: 0.0004 TFLOPs buy each about 20 steps of 4 windows of 32 tokens.
+TINY_STUDY = {
+    "model": {"context_length": 32, "head_dim": 16, "mlp_ratio": 2.0},
+    "train": {"warmup_steps": 2, "compile": "false", "device": "cpu", "precision": "fp32", "seed": 7},
+    "min_lr_ratio": 0.1,
+    "score": {"batch_size": 8, "max_tokens": 3000},
+    "grid": {"tflops": [0.0004], "n_layer": [1], "n_embd": [16, 32], "optimizer": ["muon"],
+             "learning_rate": [0.004], "schedule": ["wsd"], "batch_size": [4]},
+    "mlflow": {"experiment": "studies-test", "study": "tiny"},
+}
+
+
+def write_study(path: Path, study: dict) -> Path:
+    path.write_text(yaml.safe_dump(study, sort_keys=False), encoding="utf-8")
+    return path
+
+
+# --- settings and arithmetic ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, vocab", [("params.yaml", 4096), ("params.gpu.yaml", 32000)])
+def test_shipped_grids_can_train_every_cell(name: str, vocab: int) -> None:
+    study = load_study(STUDY / name)
+    for cell in grid_cells(study.grid):
+        config = model_config(study, cell, vocab)
+        steps = budget_steps(cell, GPT(config).estimate_flops_per_token(), config.context_length)
+        assert train_config(study, cell, steps).max_steps == steps > study.train["warmup_steps"]
+
+
+def test_budget_buys_whole_steps_within_the_budget() -> None:
+    cell = Cell(tflops=6, n_layer=4, n_embd=128, optimizer="muon", learning_rate=0.004, schedule="wsd", batch_size=8)
+    flops_per_step = 9_542_400 * 8 * 256
+    steps = budget_steps(cell, 9_542_400, 256)
+    assert steps * flops_per_step <= 6e12 < (steps + 1) * flops_per_step
+    assert cell.name == "6-4-128-muon-0.004-wsd-8"
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"grid": {**TINY_STUDY["grid"], "n_layer": [0]}}, "grid.n_layer.0=0"),
+    ({"grid": {**TINY_STUDY["grid"], "schedule": ["linear"]}}, "grid.schedule.0='linear'"),
+    ({"train": {"learning_rate": 0.01}}, "train.learning_rate is set per cell"),
+    ({"grid": {**TINY_STUDY["grid"], "tflops": [1e-6]}}, "raise grid.tflops"),
+    ({"grid": {**TINY_STUDY["grid"], "n_embd": [24]}}, "n_embd=24 must be a multiple of model.head_dim=16"),
+    ({"train": {"weight_decay": -1}}, "train.weight_decay"),
+    ({"gird": {}}, "gird="),
+])
+def test_bad_settings_fail_with_one_line_naming_the_field(tmp_path: Path, change: dict, message: str) -> None:
+    path = write_study(tmp_path / "params.yaml", TINY_STUDY | change)
+    with pytest.raises(StudyError) as error:
+        study = load_study(path)
+        for cell in grid_cells(study.grid):
+            config = model_config(study, cell, 400)
+            train_config(study, cell, budget_steps(cell, GPT(config).estimate_flops_per_token(), 32))
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_power_law_fits_a_power_law_and_nothing_else() -> None:
+    x = [1e5, 3e5, 1e6, 3e6]
+    fit = fit_power_law(x, [3.0 * v**-0.1 for v in x])
+    assert fit is not None and math.isclose(fit["b"], -0.1, rel_tol=1e-9) and math.isclose(fit["a"], 3.0)
+    assert fit_power_law(x[:2], [2.0, 1.9]) is None  # two points always "fit"
+    assert fit_power_law(x, [2.0, 1.5, 1.5, 2.0]) is None  # a valley (too many parameters for the budget)
+
+
+@pytest.mark.parametrize("stage", ["cell", "table"])
+def test_study_deps_equal_the_scripts_import_closure(stage: str) -> None:
+    spec = yaml.safe_load((STUDY / "dvc.yaml").read_text())["stages"][stage]
+    needed = {Path("../..") / path for module in imported_modules(STUDY / f"{stage}.py", stage)
+              for path in closure(module)}
+    declared = {Path(d) for d in spec["deps"] if d.startswith("../../src/")}
+    assert declared == needed, f"add {sorted(map(str, needed - declared))}; remove {sorted(map(str, declared - needed))}"
+
+
+# --- the pipeline, for real ------------------------------------------------------------------
+
+
+@pytest.fixture
+def study_repo(tmp_path):
+    """A git + DVC repository: the main pipeline (tiny corpus and tokenizer) and the study folder."""
+    repo = tmp_path / "repo"
+    (repo / "corpus").mkdir(parents=True)
+    shutil.copy2(REPO_ROOT / "dvc.yaml", repo / "dvc.yaml")
+    shutil.copytree(REPO_ROOT / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in ("dvc.yaml", "cell.py", "table.py"):
+        (repo / "studies" / "budget").mkdir(parents=True, exist_ok=True)
+        shutil.copy2(STUDY / name, repo / "studies" / "budget" / name)
+    write_study(repo / "studies" / "budget" / "params.yaml", TINY_STUDY)
+    for i in range(6):
+        (repo / "corpus" / f"doc{i}.txt").write_text(corpus_text(i, 600), encoding="utf-8")
+    write_params(repo, {"data": {"source": "files", "folder": "corpus", "files": {"glob": "corpus/*.txt"},
+                                 "validation_fraction": 0.3},
+                        "tokenizer": {"vocab_size": 400, "workers": 1}})
+    env = subprocess_env(PYTHONPATH=str(repo / "src"), DVC_SITE_CACHE_DIR=str(tmp_path / "dvc-site-cache"),
+                         MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}",
+                         GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.com",
+                         GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="test@example.com", GIT_CONFIG_NOSYSTEM="1")
+
+    def run(*args: str) -> str:
+        result = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=1200)
+        assert result.returncode == 0, f"{args}:\n{result.stdout}\n{result.stderr}"
+        return result.stdout + result.stderr
+
+    run("git", "init", "-q")
+    run("dvc", "init", "-q")
+    run("git", "add", "-A")
+    run("git", "commit", "-q", "-m", "study under test")
+    return repo, run, tmp_path / "mlflow.db"
+
+
+def ran_cells(output: str) -> set[str]:
+    return {line.split("cell@")[1].split("'")[0] for line in output.splitlines()
+            if line.startswith("Running stage") and "cell@" in line}
+
+
+def test_study_pipeline_caches_each_cell(study_repo) -> None:
+    repo, run, database = study_repo
+    study_dir = repo / "studies" / "budget"
+    cells_dir = study_dir / "results" / "cells"
+    first, second = "0.0004-1-16-muon-0.004-wsd-4", "0.0004-1-32-muon-0.004-wsd-4"
+
+    # 1. The first run builds the data, both cells and the table.
+    output = run("dvc", "repro", "studies/budget/dvc.yaml")
+    assert ran_cells(output) == {first, second}
+    for name in (first, second):
+        result = json.loads((cells_dir / f"{name}.json").read_text())
+        steps_flops = result["flops_per_token"] * 4 * 32
+        assert result["steps"] == int(0.0004e12 // steps_flops) > 2 and result["tokens"] == result["steps"] * 128
+        assert result["train_flops"] <= result["budget_flops"] < result["train_flops"] + steps_flops
+        assert 0 < result["val_bits_per_byte"] < 20 and result["val_protocol"] == {
+            "window": 32, "stride": 32, "tokens": "first 3000"}
+    table = (study_dir / "results" / "table.md").read_text()
+    assert first in table and second in table and "consecutive windows of 32 tokens, stride 32" in table
+    assert {p.name for p in (study_dir / "results" / "plots").iterdir()} == {"bpb_vs_parameters.png",
+                                                                             "bpb_vs_compute.png"}
+
+    # 2. A rerun runs nothing and leaves every result as it was.
+    before = snapshot_tree(study_dir / "results")
+    assert "Running stage" not in run("dvc", "repro", "studies/budget/dvc.yaml")
+    assert snapshot_tree(study_dir / "results") == before
+
+    # 3. A third cell runs alone (and the table); the first two stay untouched.
+    study = TINY_STUDY | {"grid": {**TINY_STUDY["grid"], "n_embd": [16, 32, 48]}}
+    write_study(study_dir / "params.yaml", study)
+    third = "0.0004-1-48-muon-0.004-wsd-4"
+    output = run("dvc", "repro", "studies/budget/dvc.yaml")
+    assert ran_cells(output) == {third} and "Running stage 'studies/budget/dvc.yaml:table'" in output
+    for name in (first, second):
+        path = f"cells/{name}.json"
+        assert snapshot_tree(study_dir / "results")[path] == before[path]
+    assert third in (study_dir / "results" / "table.md").read_text()
+
+    # Every cell is a child run of the one study run, which holds the table and plots.
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{database}")
+    experiment = client.get_experiment_by_name("studies-test")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1
+    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
+    assert set(children) == {first, second, third}
+    assert children[third].data.metrics["train_seconds"] > 0
+    artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
+    assert {"table.md", "bpb_vs_parameters.png", "bpb_vs_compute.png"} <= artifacts
