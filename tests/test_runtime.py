@@ -168,14 +168,18 @@ def test_long_stop_strings_cost_time_linear_in_their_length(generator: OnnxGener
     """Four 16,000-character stop strings used to make 60 tokens 14x slower (quadratic matching)."""
     sampling = replace(HOT, max_new_tokens=60)
     stops = [c * 16_000 for c in "abcd"]  # never matched, always partly held back
-    generator.generate("ROMEO:\n", sampling)  # warm-up
-    started = time.perf_counter()
-    plain = generator.generate("ROMEO:\n", sampling)
-    no_stops = time.perf_counter() - started
-    started = time.perf_counter()
-    with_stops = generator.generate("ROMEO:\n", sampling, stop=stops)
-    assert with_stops.token_ids == plain.token_ids
-    assert time.perf_counter() - started < 3 * no_stops + 0.2  # building the tables: 64,000 steps
+    def best_of_3(stop: list[str]) -> tuple[float, list[int]]:  # the fastest run: other work on the machine
+        runs = []
+        for _ in range(3):
+            started = time.perf_counter()
+            result = generator.generate("ROMEO:\n", sampling, stop=stop)
+            runs.append(time.perf_counter() - started)
+        return min(runs), result.token_ids
+
+    no_stops, plain = best_of_3([])
+    with_stops, tokens = best_of_3(stops)
+    assert tokens == plain
+    assert with_stops < 3 * no_stops + 0.2  # building the tables: 64,000 steps
 
 
 def test_stream_joins_to_generate_with_emoji_and_cjk(generator: OnnxGenerator) -> None:

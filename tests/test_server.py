@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import shutil
 import socket
 import sys
 import threading
@@ -619,6 +620,18 @@ def test_model_lineage(http: httpx.Client, generators: dict[str, OnnxGenerator])
     assert lineage["onnx_sha256"] == config["sha256"]["model.onnx"]
     assert set(lineage) >= {"code_sha256", "data_sha256", "tokenizer_sha256", "params_sha256", "val_bits_per_byte",
                             "registry_version", "mlflow_run_id"}
+
+
+def test_lineage_names_the_training_run_beside_the_checkpoints(exports: dict[str, Path], tmp_path: Path) -> None:
+    from openllm import tracking
+    from openllm.server_ops import lineage
+
+    (tmp_path / "models" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "models" / "export").mkdir()
+    shutil.copytree(exports["step-10"], tmp_path / "models" / "export" / "step-10")
+    tracking.write_run_id(tmp_path / "models" / "checkpoints", "0123abcd")
+    generator = OnnxGenerator.load(tmp_path / "models" / "export" / "step-10")
+    assert lineage(generator)["mlflow_run_id"] == "0123abcd"
 
 
 def raw_socket(url: str) -> socket.socket:

@@ -98,7 +98,8 @@ class Metrics:
 
 def training_run(source: str) -> str | None:
     """The MLflow run that trained an export folder's checkpoint (models/export/step-N), if known here."""
-    folder = Path(str(source))
+    path = Path(str(source))  # the model file of an export folder, or a models:/ URI
+    folder = path.parent if path.is_file() else path
     if not folder.is_dir():
         return None  # a models:/ URI: the registry version names its run
     return tracking.read_run_id(folder.parent.parent / "checkpoints")
