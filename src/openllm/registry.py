@@ -106,10 +106,10 @@ def _register(export_dir: Path, run_id: str | None, name: str, tags: dict[str, A
 
     from . import tracking
 
-    with tracking.open_run(mlflow, run_id) as run, _staged_export(export_dir) as staged:
+    with tracking.open_run(mlflow, run_id) as run, _staged(export_dir) as (staged, code):
         info = mlflow.pyfunc.log_model(
             name=f"model-step-{tags['step']}", python_model=str(TEXT_MODEL_FILE),
-            artifacts={EXPORT_ARTIFACT: str(staged)}, code_paths=[str(Path(__file__).parent)],
+            artifacts={EXPORT_ARTIFACT: str(staged)}, code_paths=[str(code)],
             signature=text_signature(sampling), input_example=({"prompt": [example_prompt]}, {"max_new_tokens": 8}),
             pip_requirements=[f"{p}=={package_version(p)}" for p in RUNTIME_REQUIREMENTS],
             registered_model_name=name,
@@ -128,12 +128,13 @@ def _register(export_dir: Path, run_id: str | None, name: str, tags: dict[str, A
 
 
 @contextmanager
-def _staged_export(export_dir: Path) -> Iterator[Path]:
-    """The export folder without ``hf/`` (a copy: MLflow logs a folder whole)."""
+def _staged(export_dir: Path) -> Iterator[tuple[Path, Path]]:
+    """Copies of the export folder without ``hf/`` and of this package's sources (MLflow logs folders whole)."""
     with tempfile.TemporaryDirectory(prefix="openllm-register-") as tmp:
-        staged = Path(tmp) / EXPORT_ARTIFACT
+        staged, code = Path(tmp) / EXPORT_ARTIFACT, Path(tmp) / "openllm"
         shutil.copytree(export_dir, staged, ignore=shutil.ignore_patterns("hf"))
-        yield staged
+        shutil.copytree(Path(__file__).parent, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        yield staged, code
 
 
 def text_signature(sampling: dict[str, Any]):
