@@ -13,7 +13,7 @@ import logging
 import os
 import subprocess
 import time
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +60,10 @@ def init_store(uri: str | None = None, attempts: int = 5) -> None:
     uri = uri or tracking_uri()
     if not uri.startswith("sqlite:///"):
         return
+    from alembic.util.exc import CommandError
+    from mlflow.exceptions import MlflowException
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+    from sqlalchemy.exc import SQLAlchemyError
 
     database = Path(uri.removeprefix("sqlite:///"))
     database.parent.mkdir(parents=True, exist_ok=True)
@@ -70,7 +73,7 @@ def init_store(uri: str | None = None, attempts: int = 5) -> None:
             try:
                 SqlAlchemyStore(uri, artifact_root(uri))
                 return
-            except Exception:  # sqlalchemy/alembic errors of a half-built schema: wait, then look again
+            except (SQLAlchemyError, CommandError, MlflowException):  # a half-built schema: wait, look again
                 if attempt == attempts - 1:
                     raise
                 time.sleep(0.2 * (attempt + 1))
@@ -128,10 +131,10 @@ def git_sha(cwd: Path | None = None) -> str:
 
 def run_tags(extra: dict[str, str] | None = None) -> dict[str, str]:
     tags = {"git_sha": git_sha()}
-    for package in ("torch", "numpy", "sentencepiece", "dvc", "mlflow", "onnx", "onnxruntime"):
+    for package in ("torch", "numpy", "sentencepiece", "dvc", "mlflow", "onnx", "onnxruntime", "onnxruntime-genai"):
         try:
             tags[f"version.{package}"] = version(package)
-        except Exception:
+        except PackageNotFoundError:
             pass
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc_experiment"] = os.environ["DVC_EXP_NAME"]
