@@ -146,6 +146,22 @@ def model_shapes(project: Project, out: Path) -> None:
     (out / "parameters.md").write_text(table(["part", "formula", "parameters"], counts, "llr"), encoding="utf-8")
 
 
+def presets(project: Project, out: Path) -> None:
+    """Every model preset of params.yaml's ``model.preset``, with its parameter count."""
+    from .config import MODEL_PRESETS
+    from .model import GPT, GPTConfig
+
+    vocab = project.params.tokenizer.vocab_size
+    rows = []
+    for name, shape in MODEL_PRESETS.items():
+        counts = [GPT(GPTConfig(vocab_size=v, **shape)).num_parameters() for v in (vocab, 32_000)]
+        rows.append([f"`{name}`", shape["n_layer"], shape["n_head"], shape["n_embd"], shape["intermediate_size"],
+                     f"{shape['context_length']:,}", f"{counts[0]:,}", f"{counts[1]:,}"])
+    header = ["preset", "layers", "heads", "width", "SwiGLU width", "context",
+              f"parameters, {vocab:,} pieces", "parameters, 32,000 pieces"]
+    (out / "presets.md").write_text(table(header, rows, "lrrrrrrr"), encoding="utf-8")
+
+
 # --- chapter 4: training ----------------------------------------------------------------------
 
 
@@ -396,7 +412,7 @@ def budget(project: Project, out: Path) -> None:
 
 # --- the command ------------------------------------------------------------------------------
 
-FIGURES = (tokenization, model_shapes, schedule, training_curves, evaluation, sampling, export_facts, attention, bias,
+FIGURES = (tokenization, model_shapes, presets, schedule, training_curves, evaluation, sampling, export_facts, attention, bias,
            budget)
 
 
