@@ -61,7 +61,11 @@ def write(uri: str, name: str, steps: int) -> dict[str, Any]:
 
 
 def _kind(exc: Exception, call: str) -> str:
-    return f"{call}: " + ("database is locked" if "database is locked" in str(exc) else type(exc).__name__)
+    """``call: database is locked``, else the exception's type and MLflow error code and message."""
+    if "database is locked" in str(exc):
+        return f"{call}: database is locked"
+    first_line = (str(exc).strip().splitlines() or [""])[0][:160]
+    return f"{call}: {type(exc).__name__} {getattr(exc, 'error_code', '')}: {first_line}"
 
 
 def run_writers(uri: str, writers: int, steps: int, env: dict[str, str] | None = None) -> dict[str, Any]:

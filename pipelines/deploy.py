@@ -64,8 +64,8 @@ def deploy(pool: str = POOL, repo: Path = REPO_ROOT, interval: float | None = No
         job_variables["env"] = {"MLFLOW_TRACKING_URI": os.environ["MLFLOW_TRACKING_URI"]}
     ids = {}
     for deployment in build_deployments(repo, interval, only):
-        module = "check_data" if deployment.flow_name == "openllm-data-check" else "pipeline"
-        deployment.entrypoint = f"pipelines/flows.py:{module}"  # relative to working_dir
+        function = "check_data" if deployment.flow_name == "openllm-data-check" else "pipeline"
+        deployment.entrypoint = f"pipelines/flows.py:{function}"  # relative to working_dir
         deployment.job_variables = job_variables
         ids[deployment.flow_name] = deployment.apply(work_pool_name=pool)
     return ids

@@ -83,9 +83,10 @@ def tokenized(tmp_path_factory) -> Path:
     from openllm.config import DataConfig, TokenizerConfig
 
     root = tmp_path_factory.mktemp("services-corpus")
-    (root / "corpus").mkdir()
+    corpus = root / "corpus"
+    corpus.mkdir()
     for i in range(8):
-        (root / "corpus" / f"doc{i}.txt").write_text(corpus_text(i, 200), encoding="utf-8")
-    data.download(DataConfig(source="files", files={"glob": str(root / "corpus" / "*.txt")}), root / "raw")
+        (corpus / f"doc{i}.txt").write_text(corpus_text(i, 200), encoding="utf-8")
+    data.download(DataConfig(source="files", folder=str(corpus), files={"glob": str(corpus / "*.txt")}), root / "raw")
     tokenizer.tokenize(root / "raw", root / "tokenized", TokenizerConfig(vocab_size=400, workers=1))
     return root / "tokenized"

@@ -116,11 +116,11 @@ def make_dvc_repo(repo: Path, overrides: dict[str, Any] | None = None) -> Path:
     """A git + DVC repository: the project's dvc.yaml and src/, tiny params, a small corpus."""
     shutil.copytree(REPO_ROOT / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     shutil.copy2(REPO_ROOT / "dvc.yaml", repo / "dvc.yaml")
-    corpus = {"data": {"files": {"glob": "data/corpus/*.txt"}}}  # inside data/, where DVC looks for sources
-    write_params(repo / "params.yaml", deep_merge(deep_merge(TINY_PIPELINE, corpus), overrides or {}))
-    (repo / "data" / "corpus").mkdir(parents=True)
+    write_params(repo / "params.yaml", deep_merge(TINY_PIPELINE, overrides or {}))
+    corpus = repo / Path(TINY_PIPELINE["data"]["files"]["glob"]).parent
+    corpus.mkdir(parents=True)
     for i in range(8):
-        (repo / "data" / "corpus" / f"doc{i}.txt").write_text(corpus_text(i, 50), encoding="utf-8")
+        (corpus / f"doc{i}.txt").write_text(corpus_text(i, 50), encoding="utf-8")
     env = repo_env(repo)
     for command in (["git", "init", "-q"], ["dvc", "init", "-q"]):
         subprocess.run(command, cwd=repo, env=env, check=True, capture_output=True)

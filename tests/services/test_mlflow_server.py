@@ -19,6 +19,8 @@ import yaml
 from helpers import REPO_ROOT, subprocess_env
 from servicekit import make_dvc_repo, repo_env
 
+from openllm.tracking import read_run_id
+
 EXPERIMENT, MODEL = "services-pipeline", "services-model"
 TIMEOUT = 600
 
@@ -36,7 +38,7 @@ def test_server_refuses_a_bad_port_with_a_clear_message():
 
 def test_pipeline_logs_runs_metrics_artifacts_and_registry_versions(mlflow_server, tmp_path, monkeypatch):
     repo = make_dvc_repo(tmp_path / "repo", {
-        "export": {"register_model": True},
+        "export": {"register_model": True, "genai": False},  # the plain ONNX export is enough here
         "mlflow": {"experiment": EXPERIMENT, "registered_model": MODEL},
     })
     result = subprocess.run(["dvc", "repro"], cwd=repo, env=repo_env(repo, MLFLOW_TRACKING_URI=mlflow_server.url),
@@ -50,7 +52,7 @@ def test_pipeline_logs_runs_metrics_artifacts_and_registry_versions(mlflow_serve
     assert experiment.artifact_location.startswith("mlflow-artifacts:")  # proxied by the server
     [run] = client.search_runs([experiment.experiment_id])
     run_id = run.info.run_id
-    assert run_id == (repo / "models" / "checkpoints" / "mlflow_run_id").read_text().strip()
+    assert run_id == read_run_id(repo / "models" / "checkpoints")
     assert run.info.status == "FINISHED" and run.data.params["train.max_steps"] == "20"
 
     steps = {int(row["step"]): float(row["train_loss"]) for row in read_tsv(repo / "metrics" / "train_steps.tsv")}
@@ -104,7 +106,7 @@ def test_two_trainings_logging_at_once_lose_nothing(mlflow_server, tokenized, tm
     client = mlflow_server.client()
     experiment = client.get_experiment_by_name("services-concurrent")
     runs = {r.info.run_id: r for r in client.search_runs([experiment.experiment_id])}
-    run_ids = [(p / "models" / "checkpoints" / "mlflow_run_id").read_text().strip() for p in projects]
+    run_ids = [read_run_id(p / "models" / "checkpoints") for p in projects]
     assert set(run_ids) == set(runs) and len(runs) == 2
     for project, run_id in zip(projects, run_ids):
         assert runs[run_id].info.status == "FINISHED"

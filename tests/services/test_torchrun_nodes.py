@@ -18,6 +18,8 @@ from servicekit import free_port
 
 from helpers import VENV_BIN, subprocess_env
 
+from openllm.tracking import read_run_id
+
 EXPERIMENT = "services-two-nodes"
 TIMEOUT = 600
 STEPS = 20
@@ -79,7 +81,7 @@ def test_two_nodes_train_like_one_process_and_only_rank_0_writes(tokenized, tmp_
     assert len(writers) == 1, [sorted(p.name for p in node.iterdir()) for node in nodes]
     [rank0] = writers
     written = {p.name for p in (rank0 / "models" / "checkpoints").iterdir()}
-    assert {"mlflow_run_id", "step-10", f"step-{STEPS}"} <= written, written
+    assert {"step-10", f"step-{STEPS}"} <= written, written
     assert not any((node / "mlflow.db").exists() for node in nodes)
 
     # Same global batch of 4 (2 per node) as the one process: the same losses, to float rounding.
@@ -91,6 +93,6 @@ def test_two_nodes_train_like_one_process_and_only_rank_0_writes(tokenized, tmp_
     client = mlflow_server.client()
     experiment = client.get_experiment_by_name(EXPERIMENT)
     [run] = client.search_runs([experiment.experiment_id])
-    assert run.info.run_id == (rank0 / "models" / "checkpoints" / "mlflow_run_id").read_text().strip()
+    assert run.info.run_id == read_run_id(rank0 / "models" / "checkpoints")
     assert run.data.tags["world_size"] == "2" and run.info.status == "FINISHED"
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train_loss")) == [10, STEPS]
