@@ -1,12 +1,16 @@
 """Quality for a fixed wall-clock budget: the experiments behind README "Choosing the defaults".
 
 Trains one model shape (a preset plus overrides) on the tokenized default data for a fixed
-number of seconds with the train stage's own pieces (optimizers, precision, torch.compile,
-window sampler, warmup + cosine schedule), the schedule's length fitted to the budget from the
-speed of the first steps (compilation time counts against the budget). Then scores 256 evenly
-spaced validation windows, as the train stage's evaluations do, and prints one JSON line.
-``--baseline`` also trains the character-level baseline (bench/char_baseline.py) for the same
-time and scores it on the whole validation text.
+number of seconds with the budget study's cell trainer (openllm.study.CellTrainer: the train
+stage's optimizers, precision, torch.compile, window sampler and schedule), the schedule's
+length fitted to the budget from the speed of the first steps (compilation time counts against
+the budget). Then scores it as the study and the evaluate stage do (consecutive windows of the
+context length over the whole validation split; the protocol is in the output) and prints one
+JSON line. ``--baseline`` also trains the character-level baseline (bench/char_baseline.py) for
+the same time and scores it on the whole validation text.
+
+A budget in seconds depends on the machine and on its load; studies/budget/ (a DVC pipeline)
+compares settings at a budget of FLOPs instead, with every cell cached.
 
     python bench/budget.py --seconds 540 --compile [--preset micro] [--n-embd 192] [--optimizer adamw]
 """
@@ -15,25 +19,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
 import pydantic
-import torch
 
 from char_baseline import train_and_score
-from openllm.config import MODEL_PRESETS, TrainConfig
-from openllm.fileio import read_json
-from openllm.model import GPT, GPTConfig
-from openllm.tokenizer import load_tokens
-from openllm.device import compile_model, resolve_device
-from openllm.optim import build_optimizer
+from openllm.config import MODEL_PRESETS
 from openllm.schedule import Schedule
-from openllm.train import train_step
-from openllm.windows import WindowSampler, validation_loss
-
-EVAL_BATCHES, EVAL_BATCH_SIZE = 32, 8  # 256 windows
+from openllm.study import Cell, CellTrainer, ScoreConfig, ShapeConfig, StudyConfig, StudyError
 
 
 def main() -> None:
@@ -59,49 +53,40 @@ def main() -> None:
     if not (args.data / "meta.json").is_file():
         parser.error(f"{args.data / 'meta.json'} not found: run `dvc repro tokenize` first (or pass --data)")
 
-    try:
-        cfg = TrainConfig(learning_rate=args.learning_rate, min_learning_rate=args.learning_rate * args.min_lr_ratio,
-                          batch_size=args.batch_size, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
-                          optimizer=args.optimizer, compile="true" if args.compile else "false",
-                          schedule=args.schedule, decay_fraction=args.decay_fraction)
-    except pydantic.ValidationError as error:
-        parser.error(str(error))
-    meta = read_json(args.data / "meta.json")
-    train, val = load_tokens(args.data, "train"), load_tokens(args.data, "val")
     shape = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in MODEL_PRESETS[args.preset].items()}
-    torch.manual_seed(1337)
+    if shape["n_embd"] % shape["n_head"]:
+        parser.error(f"model shape: n_embd={shape['n_embd']} must be divisible by n_head={shape['n_head']}")
     try:
-        config = GPTConfig(vocab_size=meta["vocab_size"], **shape)
-    except ValueError as error:
-        parser.error(f"model shape: {error}")
-    runtime = resolve_device(cfg.device, cfg.precision, cfg.compile, cfg.deterministic, distributed=False)
-    model = GPT(config).to(runtime.device).train()
-    optimizer = build_optimizer(model, cfg.optimizer, cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2))
-    sampler, context = WindowSampler(train, config.context_length, seed=1), config.context_length
+        study = StudyConfig(
+            model=ShapeConfig(context_length=shape["context_length"], head_dim=shape["n_embd"] // shape["n_head"],
+                              mlp_ratio=shape["intermediate_size"] / shape["n_embd"]),
+            train={"weight_decay": args.weight_decay, "warmup_steps": args.warmup_steps,
+                   "compile": "true" if args.compile else "false", "decay_fraction": args.decay_fraction},
+            min_lr_ratio=args.min_lr_ratio)
+        cell = Cell(0, shape["n_layer"], shape["n_embd"], args.optimizer, args.learning_rate, args.schedule,
+                    args.batch_size)
+        trainer = CellTrainer(study, cell, args.data, steps=10**9)  # the peak until the speed is known
+    except (pydantic.ValidationError, StudyError) as error:
+        parser.error(str(error))
 
-    started, step = time.perf_counter(), 0
-    schedule = Schedule.from_config(cfg.model_copy(update={"max_steps": 10**9}))  # the peak until the speed is known
-    forward = model
-    if runtime.compile:
-        forward = compile_model(model, sampler.batch(torch.tensor([0]), runtime.device)[0], runtime, required=True)
+    started, progress, warmup = time.perf_counter(), trainer.state.progress, trainer.cfg.warmup_steps
+    trainer.compile()
     while time.perf_counter() - started < args.seconds:
-        if step == cfg.warmup_steps + 10:  # speed measured over 30 steps after warmup and compiling
+        if progress.step == warmup + 10:  # speed measured over 30 steps after warmup and compiling
             mark = time.perf_counter()
-        if step == cfg.warmup_steps + 40:
+        if progress.step == warmup + 40:
             per_step = (time.perf_counter() - mark) / 30
-            planned = step + int((args.seconds - (time.perf_counter() - started)) / per_step)
-            schedule = Schedule.from_config(cfg.model_copy(update={"max_steps": planned}))
-        batch = sampler.batch(sampler.next_starts(cfg.batch_size), runtime.device)
-        train_step(forward, model, optimizer, [batch], schedule.lr(step), cfg.grad_clip, runtime)
-        step += 1
+            planned = progress.step + int((args.seconds - (time.perf_counter() - started)) / per_step)
+            trainer.schedule = Schedule.from_config(trainer.cfg.model_copy(update={"max_steps": planned}))
+        trainer.step()
     train_seconds = time.perf_counter() - started
 
-    val_loss = validation_loss(model, val, context, EVAL_BATCHES, EVAL_BATCH_SIZE, runtime)
+    scores = trainer.score(ScoreConfig())
     result = {
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "shape": shape,
-        "parameters": model.num_parameters(), "steps": step, "tokens": step * cfg.batch_size * context,
+        "parameters": trainer.model.num_parameters(), "steps": progress.step, "tokens": progress.tokens_seen,
         "train_seconds": round(train_seconds, 1),
-        "val_bits_per_byte": val_loss / math.log(2) / meta["bytes_per_token"]["val"],
+        "val_bits_per_byte": scores["val_bits_per_byte"], "val_protocol": scores["val_protocol"],
     }
     if args.baseline:
         result["char_baseline"] = train_and_score(args.seconds, args.data.parent / "raw")

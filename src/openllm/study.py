@@ -82,7 +82,7 @@ class StudyConfig(Section):
     train: dict[str, Any] = Field({}, description="TrainConfig fields every cell shares (not the grid's levers)")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final learning rate / peak")
     score: ScoreConfig = ScoreConfig()
-    grid: GridConfig
+    grid: GridConfig | None = Field(None, description="required in a study's params.yaml (load_study checks)")
     mlflow: StudyMlflowConfig = StudyMlflowConfig()
 
     def digest(self, data_sha256: str) -> str:
@@ -120,6 +120,8 @@ def load_study(path: str | Path) -> StudyConfig:
     except ValidationError as exc:
         problems = [f"{'.'.join(map(str, e['loc']))}={e.get('input')!r}: {e['msg']}" for e in exc.errors()]
         raise StudyError(f"{path}: " + "; ".join(problems)) from None
+    if study.grid is None:
+        raise StudyError(f"{path}: 'grid' is required (the lists whose combinations are the cells)")
     levers = sorted(GRID_LEVERS & set(study.train))
     if levers:
         raise StudyError(f"{path}: train.{levers[0]} is set per cell (grid or budget), not in train")
@@ -165,56 +167,89 @@ def train_config(study: StudyConfig, cell: Cell, steps: int) -> TrainConfig:
             f"train.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
 
 
+class CellTrainer:
+    """One cell's model, optimizer, data and schedule, stepped by the train stage's ``train_step``.
+
+    ``steps`` defaults to what the cell's budget buys; a caller with another budget (wall-clock
+    time, in bench/budget.py) passes its own and may replace ``schedule``.
+    """
+
+    def __init__(self, study: StudyConfig, cell: Cell, tokenized_dir: Path, steps: int | None = None):
+        import torch
+
+        from .device import resolve_device
+        from .model import GPT
+        from .optim import build_optimizer
+        from .schedule import Schedule
+        from .tokenizer import load_tokens
+        from .train import TrainingState
+        from .windows import WindowSampler
+
+        self.tokenized_dir = Path(tokenized_dir)
+        self.meta = read_json(self.tokenized_dir / "meta.json")
+        self.config = model_config(study, cell, self.meta["vocab_size"])
+        self.flops_per_token = GPT(self.config).estimate_flops_per_token()  # a throwaway; the real one is seeded
+        context = self.config.context_length
+        cfg = self.cfg = train_config(study, cell, budget_steps(cell, self.flops_per_token, context)
+                                      if steps is None else steps)
+        self.setup = resolve_device(cfg.device, cfg.precision, cfg.compile, cfg.deterministic, distributed=False)
+        torch.manual_seed(cfg.seed)
+        self.model = self.forward = GPT(self.config).to(self.setup.device).train()
+        self.sampler = WindowSampler(load_tokens(self.tokenized_dir, "train"), context, cfg.seed)
+        self.state = TrainingState(build_optimizer(self.model, cfg.optimizer, cfg.learning_rate, cfg.weight_decay,
+                                                   (cfg.beta1, cfg.beta2)), self.sampler)
+        self.schedule = Schedule.from_config(cfg)
+
+    def compile(self) -> None:
+        """torch.compile the model now (when the settings ask for it), as the train stage does."""
+        import torch
+
+        from .device import compile_model
+
+        if self.setup.compile:
+            x, _ = self.sampler.batch(torch.zeros(self.cfg.batch_size, dtype=torch.long), self.setup.device)
+            self.forward = compile_model(self.model, x, self.setup, required=self.cfg.compile == "true")
+
+    def step(self) -> float:
+        """One update at the schedule's rate; return the loss (a non-finite one does not count as a step)."""
+        from .train import train_step
+
+        progress = self.state.progress
+        batch = self.sampler.batch(self.sampler.next_starts(self.cfg.batch_size), self.setup.device)
+        loss, _ = train_step(self.forward, self.model, self.state.optimizer, [batch], self.schedule.lr(progress.step),
+                             self.cfg.grad_clip, self.setup)
+        if math.isfinite(loss):
+            progress.step += 1
+            progress.tokens_seen += self.cfg.batch_size * self.config.context_length
+            progress.last_train_loss = loss
+        return loss
+
+    def score(self, cfg: ScoreConfig) -> dict[str, Any]:
+        return score_validation(self.model, self.tokenized_dir, self.meta, cfg, self.setup)
+
+
 def run_cell(study: StudyConfig, cell: Cell, tokenized_dir: Path) -> tuple[dict[str, Any], dict[str, float]]:
     """Train one cell for its budget and score it: ``(result, timings)``.
 
     The result holds only what a rerun on the same machine reproduces; timings go to MLflow.
     """
-    import torch
-
-    from .device import compile_model, resolve_device
-    from .model import GPT
-    from .optim import build_optimizer
-    from .schedule import Schedule
-    from .tokenizer import load_tokens
-    from .train import TrainingState, train_step
-    from .windows import WindowSampler
-
-    meta = read_json(Path(tokenized_dir) / "meta.json")
-    config = model_config(study, cell, meta["vocab_size"])
-    context = config.context_length
-    flops_per_token = GPT(config).estimate_flops_per_token()  # a throwaway: the real one is seeded below
-    cfg = train_config(study, cell, budget_steps(cell, flops_per_token, context))
-    setup = resolve_device(cfg.device, cfg.precision, cfg.compile, cfg.deterministic, distributed=False)
-    torch.manual_seed(cfg.seed)
-    model = GPT(config).to(setup.device).train()
-    sampler = WindowSampler(load_tokens(Path(tokenized_dir), "train"), context, cfg.seed)
-    state = TrainingState(build_optimizer(model, cfg.optimizer, cfg.learning_rate, cfg.weight_decay,
-                                          (cfg.beta1, cfg.beta2)), sampler)
-    schedule, progress = Schedule.from_config(cfg), state.progress
+    trainer = CellTrainer(study, cell, tokenized_dir)
+    progress = trainer.state.progress
     started = time.perf_counter()  # compiling counts: it is part of what a cell costs
-    forward = model
-    if setup.compile:
-        x, _ = sampler.batch(torch.zeros(cfg.batch_size, dtype=torch.long), setup.device)
-        forward = compile_model(model, x, setup, required=cfg.compile == "true")
+    trainer.compile()
     diverged = False
-    while progress.step < cfg.max_steps and not diverged:
-        batch = sampler.batch(sampler.next_starts(cfg.batch_size), setup.device)
-        loss, _ = train_step(forward, model, state.optimizer, [batch], schedule.lr(progress.step), cfg.grad_clip,
-                             setup)
-        diverged = not math.isfinite(loss)  # a lever that diverges is a result, not an error
-        if not diverged:
-            progress.step += 1
-            progress.tokens_seen += cfg.batch_size * context
-            progress.last_train_loss = loss
+    while progress.step < trainer.cfg.max_steps and not diverged:
+        diverged = not math.isfinite(trainer.step())  # a lever that diverges is a result, not an error
     train_seconds = time.perf_counter() - started
-    scores = score_validation(model, Path(tokenized_dir), meta, study.score, setup)
+    scores = trainer.score(study.score)
     result = {
-        "cell": asdict(cell), "name": cell.name, "model": config.to_dict(), "parameters": model.num_parameters(),
-        "flops_per_token": flops_per_token, "steps": progress.step, "tokens": progress.tokens_seen,
-        "train_flops": flops_per_token * progress.tokens_seen, "budget_flops": cell.tflops * TERA,
-        "warmup_steps": cfg.warmup_steps, "train_loss": progress.last_train_loss if progress.step else None,
-        "diverged": diverged, "precision": setup.precision_name, "data_sha256": meta["train"]["sha256"],
+        "cell": asdict(cell), "name": cell.name, "model": trainer.config.to_dict(),
+        "parameters": trainer.model.num_parameters(), "flops_per_token": trainer.flops_per_token,
+        "steps": progress.step, "tokens": progress.tokens_seen,
+        "train_flops": trainer.flops_per_token * progress.tokens_seen,
+        "budget_flops": cell.tflops * TERA, "warmup_steps": trainer.cfg.warmup_steps,
+        "train_loss": progress.last_train_loss if progress.step else None, "diverged": diverged,
+        "precision": trainer.setup.precision_name, "data_sha256": trainer.meta["train"]["sha256"],
         **(scores if not diverged else {"val_protocol": scores["val_protocol"]}),
     }
     return result, {"train_seconds": train_seconds,
