@@ -270,11 +270,11 @@ def test_muon_optimizer_splits_hidden_matrices_from_the_rest(model: GPT) -> None
         opt.step()
         opt.zero_grad()
     assert losses[-1] < losses[0]
-    again = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), kind="muon")
+    again = build_optimizer(model, "muon", 1e-3, 0.1, (0.9, 0.95))
     again.load_state_dict(opt.state_dict())
     assert torch.equal(again.muon.state_dict()["state"][0]["momentum_buffer"],
                        opt.muon.state_dict()["state"][0]["momentum_buffer"])
     with pytest.raises(ValueError, match="Muon"):
-        again.load_state_dict(model.configure_optimizer(0.1, 1e-3, (0.9, 0.95)).state_dict())
+        again.load_state_dict(build_optimizer(model, "adamw", 1e-3, 0.1, (0.9, 0.95)).state_dict())
     with pytest.raises(ValueError, match="unknown optimizer"):
-        model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), kind="sgd")
+        build_optimizer(model, "sgd", 1e-3, 0.1, (0.9, 0.95))

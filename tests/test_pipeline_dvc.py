@@ -212,7 +212,7 @@ def test_full_pipeline_checkpoints_metrics_plots_and_experiments(dvc_repo, repo_
     assert not (repo / "models" / "export" / "step-20").exists()
     assert not (repo / "metrics" / "evaluate" / "step-20.json").exists()
     assert not (repo / "models" / "checkpoints" / "step-20").exists()
-    diff = json.loads(run("dvc", "metrics", "diff", "--json").stdout)
+    diff = json.loads(run("dvc", "metrics", "diff", "--all", "--json").stdout)  # --all: unchanged too
     assert "final.val_bits_per_byte" in diff["metrics/summary.json"]
 
 
