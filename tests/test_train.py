@@ -34,7 +34,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, safe_open, save_file
 
-from helpers import REPO_ROOT, snapshot_tree, subprocess_env
+from helpers import snapshot_tree, subprocess_env
 from openllm import checkpoint as ckpt
 from openllm import train as train_mod
 from openllm.paths import EVAL_LOG, STEP_LOG
