@@ -155,6 +155,9 @@ def test_study_pipeline_caches_each_cell(study_repo) -> None:
     assert {p.name for p in (study_dir / "results" / "plots").iterdir()} == {"bpb_vs_parameters.png",
                                                                              "bpb_vs_compute.png"}
 
+    shown = run("dvc", "metrics", "show", *(f"studies/budget/results/cells/{n}.json" for n in (first, second)))
+    assert all(f"cells/{n}.json" in shown for n in (first, second)) and "val_bits_per_byte" in shown
+
     # 2. A rerun runs nothing and leaves every result as it was.
     before = snapshot_tree(study_dir / "results")
     assert "Running stage" not in run("dvc", "repro", "studies/budget/dvc.yaml")
