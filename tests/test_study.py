@@ -7,6 +7,7 @@ import json
 import math
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,8 +16,9 @@ import yaml
 from helpers import REPO_ROOT, corpus_text, snapshot_tree, subprocess_env, write_params
 from openllm.closure import closure, imported_modules
 from openllm.model import GPT
-from openllm.study import (Cell, StudyError, budget_steps, fit_power_law, grid_cells, load_study, model_config,
-                           train_config)
+from openllm.fileio import write_json
+from openllm.study import (Cell, StudyError, budget_steps, collect_results, fit_power_law, grid_cells, load_study,
+                           model_config, run_cell, study_fits, table_markdown, train_config)
 
 STUDY = REPO_ROOT / "studies" / "budget"
 
@@ -82,6 +84,39 @@ def test_power_law_fits_a_power_law_and_nothing_else() -> None:
     assert fit is not None and math.isclose(fit["b"], -0.1, rel_tol=1e-9) and math.isclose(fit["a"], 3.0)
     assert fit_power_law(x[:2], [2.0, 1.9]) is None  # two points always "fit"
     assert fit_power_law(x, [2.0, 1.5, 1.5, 2.0]) is None  # a valley (too many parameters for the budget)
+
+
+def test_table_keeps_the_grids_cells_and_puts_diverged_ones_last(tmp_path: Path) -> None:
+    study = load_study(write_study(tmp_path / "params.yaml", TINY_STUDY))
+    small, large = grid_cells(study.grid)
+    gone = Cell(0.0004, 2, 16, "muon", 0.004, "wsd", 4)  # a cell the grid no longer has
+    for cell, bits in ((small, None), (large, 3.5), (gone, 1.0)):
+        write_json(tmp_path / "cells" / f"{cell.name}.json", {
+            "cell": cell.__dict__, "name": cell.name, "parameters": cell.n_embd * 100, "steps": 20, "tokens": 2560,
+            "train_flops": 3.9e8, "val_bits_per_byte": bits, "val_protocol": {"window": 32, "stride": 32,
+                                                                             "tokens": "all"}})
+    rows = collect_results(tmp_path / "cells", [small, large])
+    table = table_markdown(rows, study_fits(rows))
+    assert gone.name not in table and table.index(large.name) < table.index(small.name)
+    assert f"| {small.name} |" in table and "| diverged |" in table
+    with pytest.raises(StudyError, match="run the cell's stage"):
+        collect_results(tmp_path / "cells", [Cell(1, 1, 16, "muon", 0.004, "wsd", 4)])
+
+
+def test_a_cell_trains_the_same_on_a_rerun(tmp_path: Path) -> None:
+    """What DVC caches must be what a rerun would write: two runs, identical results."""
+    (tmp_path / "corpus").mkdir()
+    for i in range(4):
+        (tmp_path / "corpus" / f"doc{i}.txt").write_text(corpus_text(i, 500), encoding="utf-8")
+    write_params(tmp_path, {"data": {"source": "files", "folder": "corpus", "files": {"glob": "corpus/*.txt"},
+                                     "validation_fraction": 0.3}, "tokenizer": {"vocab_size": 400, "workers": 1}})
+    for stage in ("download", "tokenize"):
+        subprocess.run([sys.executable, "-m", f"openllm.stages.{stage}"], cwd=tmp_path, env=subprocess_env(),
+                       check=True, capture_output=True)
+    study = load_study(write_study(tmp_path / "study.yaml", TINY_STUDY))
+    cell = grid_cells(study.grid)[0]
+    (first, timings), (second, _) = (run_cell(study, cell, tmp_path / "data" / "tokenized") for _ in range(2))
+    assert first == second and first["steps"] > 2 and not first["diverged"] and timings["train_seconds"] > 0
 
 
 @pytest.mark.parametrize("stage", ["cell", "table"])
