@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -124,6 +125,7 @@ def server_cases(writer_counts: list[int], steps: int) -> list[dict[str, Any]]:
         return [run_writers(url, n, steps) for n in writer_counts]
     finally:
         stop_group(server)
+        shutil.rmtree(state, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
