@@ -62,10 +62,15 @@ def test_budget_buys_whole_steps_within_the_budget() -> None:
 @pytest.mark.parametrize("change, message", [
     ({"grid": {**TINY_STUDY["grid"], "n_layer": [0]}}, "grid.n_layer.0=0"),
     ({"grid": {**TINY_STUDY["grid"], "schedule": ["linear"]}}, "grid.schedule.0='linear'"),
+    ({"grid": {**TINY_STUDY["grid"], "learning_rate": ["1e-3"]}},  # YAML 1.1 reads 1e-3 as a string
+     "grid.learning_rate.0='1e-3': Input should be a valid number"),
     ({"train": {"learning_rate": 0.01}}, "train.learning_rate is set per cell"),
     ({"grid": {**TINY_STUDY["grid"], "tflops": [1e-6]}}, "raise grid.tflops"),
     ({"grid": {**TINY_STUDY["grid"], "n_embd": [24]}}, "n_embd=24 must be a multiple of model.head_dim=16"),
-    ({"train": {"weight_decay": -1}}, "train.weight_decay"),
+    ({"train": {"weight_decay": -1}}, "train.weight_decay=-1"),
+    ({"train": {"warmup_steps": "many"}}, "train.warmup_steps='many'"),
+    ({"model": {"context_length": 32, "head_dim": 15, "mlp_ratio": 2.0},
+      "grid": {**TINY_STUDY["grid"], "n_embd": [30]}}, "(head size) must be even"),
     ({"gird": {}}, "gird="),
 ])
 def test_bad_settings_fail_with_one_line_naming_the_field(tmp_path: Path, change: dict, message: str) -> None:

@@ -118,14 +118,24 @@ def load_study(path: str | Path) -> StudyConfig:
     except yaml.YAMLError as exc:
         raise StudyError(f"{path}: invalid YAML: {exc}") from None
     except ValidationError as exc:
-        problems = [f"{'.'.join(map(str, e['loc']))}={e.get('input')!r}: {e['msg']}" for e in exc.errors()]
-        raise StudyError(f"{path}: " + "; ".join(problems)) from None
+        by_field = {_describe(e).split("=")[0]: _describe(e) for e in exc.errors()}  # int | float: one line
+        raise StudyError(f"{path}: " + "; ".join(by_field.values())) from None
     if study.grid is None:
         raise StudyError(f"{path}: 'grid' is required (the lists whose combinations are the cells)")
     levers = sorted(GRID_LEVERS & set(study.train))
     if levers:
         raise StudyError(f"{path}: train.{levers[0]} is set per cell (grid or budget), not in train")
+    try:
+        TrainConfig(**study.train)
+    except ValidationError as exc:
+        raise StudyError(f"{path}: " + "; ".join(_describe(e, "train.") for e in exc.errors())) from None
     return study
+
+
+def _describe(error: dict[str, Any], prefix: str = "") -> str:
+    """One pydantic error as ``field=value: rule``."""
+    field = ".".join(str(part) for part in error["loc"] if part not in ("int", "float"))  # union branches
+    return f"{prefix}{field}={error.get('input')!r}: {error['msg']}"
 
 
 def grid_cells(grid: GridConfig) -> list[Cell]:
@@ -144,8 +154,10 @@ def model_config(study: StudyConfig, cell: Cell, vocab_size: int):
              "context_length": study.model.context_length}
     try:
         return GPTConfig(vocab_size=vocab_size, **ModelConfig(**shape).resolved())
-    except (ValueError, ValidationError) as exc:
-        raise StudyError(f"cell {cell.name}: {str(exc).splitlines()[-1].strip()}") from None
+    except ValidationError as exc:
+        raise StudyError(f"cell {cell.name}: {exc.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+    except ValueError as exc:
+        raise StudyError(f"cell {cell.name}: {exc}") from None
 
 
 def budget_steps(cell: Cell, flops_per_token: int, context: int) -> int:
@@ -163,8 +175,7 @@ def train_config(study: StudyConfig, cell: Cell, steps: int) -> TrainConfig:
                            learning_rate=cell.learning_rate, min_learning_rate=cell.learning_rate * study.min_lr_ratio,
                            schedule=cell.schedule, batch_size=cell.batch_size)
     except ValidationError as exc:
-        raise StudyError(f"cell {cell.name}: " + "; ".join(
-            f"train.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
+        raise StudyError(f"cell {cell.name}: " + "; ".join(_describe(e, "train.") for e in exc.errors())) from None
 
 
 class CellTrainer:
