@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import shutil
@@ -18,9 +19,18 @@ from openllm.closure import closure, imported_modules
 from openllm.model import GPT
 from openllm.fileio import write_json
 from openllm.study import (Cell, StudyError, budget_steps, collect_results, fit_power_law, grid_cells, load_study,
-                           model_config, run_cell, study_fits, table_markdown, train_config)
+                           model_config, run_cell, study_fits, train_config)
 
 STUDY = REPO_ROOT / "studies" / "budget"
+
+
+def table_stage():
+    """The table stage's script (studies/budget/table.py) as a module."""
+    spec = importlib.util.spec_from_file_location("budget_table", STUDY / "table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 # Two cells of a 1-layer model: 0.0004 TFLOPs buy each about 20 steps of 4 windows of 32 tokens.
 TINY_STUDY = {
@@ -101,7 +111,7 @@ def test_table_keeps_the_grids_cells_and_puts_diverged_ones_last(tmp_path: Path)
             "train_flops": 3.9e8, "val_bits_per_byte": bits, "val_protocol": {"window": 32, "stride": 32,
                                                                              "tokens": "all"}})
     rows = collect_results(tmp_path / "cells", [small, large])
-    table = table_markdown(rows, study_fits(rows))
+    table = table_stage().table_markdown(rows, study_fits(rows))
     assert gone.name not in table and table.index(large.name) < table.index(small.name)
     assert f"| {small.name} |" in table and "| diverged |" in table
     with pytest.raises(StudyError, match="run the cell's stage"):
