@@ -7,7 +7,6 @@ in ``test-artifacts/app.png``.
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ from typing import Iterator
 
 import pytest
 
-from helpers import REPO_ROOT, subprocess_env
+from helpers import REPO_ROOT, free_port, subprocess_env
 from openllm.runtime import OnnxGenerator
 from test_app import APP, SCRIPT, STEPS, make_project
 
@@ -31,12 +30,6 @@ pytestmark = pytest.mark.skipif(
     not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()),
     reason=f"needs {CHROMIUM} and {CHROMEDRIVER} (Debian packages chromium, chromium-driver; .ci/run installs them)",
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

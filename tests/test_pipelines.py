@@ -9,10 +9,8 @@ stage failure (retried, reported, nothing lost), the data-change check, and fina
 from __future__ import annotations
 
 import os
-import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,7 +22,8 @@ import httpx
 import pytest
 import yaml
 
-from helpers import REPO_ROOT, TINY_PIPELINE, VENV_BIN, deep_merge, snapshot_tree, subprocess_env, write_params
+from helpers import (REPO_ROOT, TINY_PIPELINE, VENV_BIN, corpus_text, deep_merge, free_port, snapshot_tree,
+                     subprocess_env, write_params)
 
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))  # `pipelines` is a package at the repository root
@@ -47,15 +46,6 @@ EXPORT_MISSING = "src/openllm/export.py does not exist yet: the export stage can
 STAGES = [s for s in dvc_stages(REPO_ROOT) if EXPORT_READY or s != "export"]
 
 TINY = deep_merge(TINY_PIPELINE, {"pipeline": {"retries": 2, "retry_delay_seconds": 0}})
-
-
-def corpus_text(seed: int, words: int) -> str:
-    """Lines of pseudo-words built from syllables (enough variety for 400 pieces)."""
-    rng = random.Random(seed)
-    syllables = "ka lo mi ne ru sa to vi el an or is um be da fi go hu".split()
-    lexicon = ["".join(rng.choices(syllables, k=rng.randint(1, 3))) for _ in range(300)]
-    lines = [" ".join(rng.choices(lexicon, k=10)).capitalize() + "." for _ in range(words // 10)]
-    return "\n".join(lines) + "\n"
 
 
 def lock(repo: Path) -> dict[str, Any]:
@@ -242,12 +232,6 @@ def test_overrides_run_the_stages_as_one_dvc_experiment(trained, repo):
 
 
 # --- a real Prefect server -----------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(what: str, check: Callable[[], Any], timeout: float, diagnose: Callable[[], str]) -> Any:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -16,7 +15,7 @@ import pandas as pd
 import pytest
 
 from fixtures_export import build_checkpoint
-from helpers import subprocess_env
+from helpers import free_port, subprocess_env
 from openllm import registry, tracking
 from openllm.config import ExportConfig, MlflowConfig, SamplingConfig
 from openllm.export import export_checkpoint
@@ -111,12 +110,6 @@ def test_pyfunc_model_takes_prompts_and_sampling_and_returns_text(store: dict) -
     assert sampled[0] == sampled[1] and sampled[0][0] == ours.generate("Hello", ours.sampling(seed=7, max_new_tokens=10)).text
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _post(url: str, body: dict) -> dict:
     request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=30) as response:
@@ -124,7 +117,7 @@ def _post(url: str, body: dict) -> dict:
 
 
 def test_mlflow_models_serve_generates_text(store: dict) -> None:
-    port = _free_port()
+    port = free_port()
     log = store["root"] / "serve.log"
     command = [str(Path(os.sys.executable).parent / "mlflow"), "models", "serve", "-m", f"models:/{NAME}@best",
                "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
