@@ -14,7 +14,7 @@ def run(args) -> None:
     params = load_params(args.params)
     metrics_path, samples = evaluation_path(METRICS_DIR, args.step), samples_path(METRICS_DIR, args.step)
     metrics, timings = evaluate_checkpoint(step_folder(CHECKPOINTS_DIR, args.step), TOKENIZED_DIR, params.evaluate,
-                                           metrics_path, samples, progress=True)
+                                           metrics_path, samples, progress=sys.stderr.isatty())
     log_to_mlflow(params.mlflow.experiment, CHECKPOINTS_DIR, metrics | timings, samples)
     print(f"step-{args.step}: val loss {metrics['val_loss']:.4f}, perplexity {metrics['val_perplexity']:.2f}, "
           f"{metrics['val_bits_per_byte']:.4f} bits/byte -> {metrics_path}, {samples}")

@@ -11,7 +11,7 @@ from . import stage_main
 
 
 def run(args) -> None:
-    meta = tokenize(RAW_DIR, TOKENIZED_DIR, load_params(args.params).tokenizer, progress=True)
+    meta = tokenize(RAW_DIR, TOKENIZED_DIR, load_params(args.params).tokenizer, progress=sys.stderr.isatty())
     for name in ("train", "val"):
         split = meta[name]
         print(f"{name}: {split['tokens']:,} tokens from {split['bytes']:,} bytes "
