@@ -28,7 +28,7 @@ mlflow-ui: setup  ## the MLflow UI over mlflow.db on http://127.0.0.1:5000 (this
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
 
 exp-show: setup  ## compare experiments: the summary metrics and the params that differ
-	dvc exp show --only-changed --drop 'Created|State|Executor|perplexity|tokens_seen' --precision 4
+	dvc exp show --only-changed --drop 'Created|State|Executor|.*perplexity|.*tokens_seen' --precision 4
 
 test: setup  ## the test suite (tiny models, real DVC/MLflow/Prefect/onnxruntime)
 	python -m pytest
