@@ -26,11 +26,9 @@ checkpoint's MLflow training run as a text-generation model and registered (:mod
 
 from __future__ import annotations
 
-import logging
 import math
 import shutil
 import time
-import warnings
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -51,6 +49,7 @@ from .genai import check_genai_folders, move_int8, write_genai_folders
 from .huggingface import HF_DIR, check_hf_folder, write_hf_folder
 from .manifest import EVALUATION_KEYS, ExportManifest
 from .model import GPT
+from .onnx_export import export_program
 from .runtime import OnnxGenerator, input_names, output_names
 from .sampling import Sampling
 from .tokenizer import BOS_ID, EOS_ID, UNK_ID, load_tokenizer
@@ -114,22 +113,9 @@ def export_onnx(model: GPT, path: Path, opset: int) -> None:
         position_ids={0: batch, 1: seq},
         past_key_values=[(cache, cache) for _ in range(cfg.n_layer)],
     )
-    quiet = logging.getLogger("torch.onnx._internal.exporter._registration")  # "torchvision is not installed"
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore", (UserWarning, FutureWarning, DeprecationWarning))  # exporter chatter
-            program = torch.onnx.export(
-                _FlatInputs(model).eval(), (), kwargs=example, dynamic_shapes=dynamic_shapes,
-                input_names=input_names(cfg.n_layer), output_names=output_names(cfg.n_layer),
-                opset_version=opset, dynamo=True, external_data=False, verbose=False,
-            )
-    except Exception as exc:
-        raise ExportError(f"torch.onnx.export failed ({type(exc).__name__}: {str(exc).splitlines()[0]})") from exc
-    finally:
-        quiet.setLevel(level)
-    proto = program.model_proto
+    proto = export_program(_FlatInputs(model), (), ExportError, kwargs=example, dynamic_shapes=dynamic_shapes,
+                           input_names=input_names(cfg.n_layer), output_names=output_names(cfg.n_layer),
+                           opset_version=opset)
     # Name the mask length the way the present outputs name it.
     proto.graph.input[1].type.tensor_type.shape.dim[1].dim_param = "past_sequence + sequence"
     onnx.save_model(proto, str(path), save_as_external_data=False)

@@ -13,9 +13,7 @@ runs on an export folder with onnxruntime and numpy (PyTorch is imported only by
 
 from __future__ import annotations
 
-import logging
 import math
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -140,21 +138,12 @@ def export_attention_onnx(model: Any, path: Path, opset: int) -> None:
             logits, _, attentions = self.gpt(input_ids, use_cache=False, return_attention=True)
             return logits, torch.stack(attentions)
 
+    import onnx
+
+    from .onnx_export import export_program
+
     example = torch.zeros(1, 3, dtype=torch.long)
-    quiet = logging.getLogger("torch.onnx._internal.exporter._registration")  # "torchvision is not installed"
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore", (UserWarning, FutureWarning, DeprecationWarning))  # exporter chatter
-            program = torch.onnx.export(
-                WithAttention(model).eval(), (example,), dynamic_shapes={"input_ids": {1: torch.export.Dim("sequence")}},
-                input_names=["input_ids"], output_names=["logits", "attentions"], opset_version=opset,
-                dynamo=True, external_data=False, verbose=False,
-            )
-    except Exception as exc:
-        raise InspectionError(f"the attention model cannot be exported ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0]})") from exc
-    finally:
-        quiet.setLevel(level)
-    program.save(str(path), external_data=False)
+    proto = export_program(WithAttention(model), (example,), InspectionError,
+                           dynamic_shapes={"input_ids": {1: torch.export.Dim("sequence")}},
+                           input_names=["input_ids"], output_names=["logits", "attentions"], opset_version=opset)
+    onnx.save_model(proto, str(path), save_as_external_data=False)
