@@ -13,17 +13,16 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import httpx
 import pytest
 import yaml
 
 from helpers import (REPO_ROOT, TINY_PIPELINE, VENV_BIN, corpus_text, deep_merge, free_port, snapshot_tree,
-                     subprocess_env, write_params)
+                     subprocess_env, wait_until, write_params)
 
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))  # `pipelines` is a package at the repository root
@@ -236,19 +235,6 @@ def test_overrides_run_the_stages_as_one_dvc_experiment(trained, repo):
 # --- a real Prefect server -----------------------------------------------------------------
 
 
-def wait_for(what: str, check: Callable[[], Any], timeout: float, diagnose: Callable[[], str]) -> Any:
-    """Poll ``check`` every half second until it returns something truthy."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if result := check():
-                return result
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"no {what} within {timeout:.0f} s\n{diagnose()}")
-
-
 def stop(process: subprocess.Popen) -> None:
     """Interrupt a process started in its own session, then make sure its group is gone."""
     if process.poll() is None:
@@ -293,7 +279,7 @@ def test_served_deployment_runs_on_schedule_and_survives_a_restart(repo, tmp_pat
     serve = None
     try:
         with httpx.Client(base_url=api, timeout=10) as http:
-            wait_for("server", lambda: http.get("/health").status_code == 200, 90, diagnose)
+            wait_until("server", lambda: http.get("/health").status_code == 200, 90, diagnose)
 
             def deployment_id() -> str | None:
                 response = http.get("/deployments/name/openllm-data-check/openllm")
@@ -309,17 +295,17 @@ def test_served_deployment_runs_on_schedule_and_survives_a_restart(repo, tmp_pat
                 return "\n".join(log["message"] for log in http.post("/logs/filter", json=body).json())
 
             serve = start("serve", serve_command)
-            first_id = wait_for("deployment", deployment_id, 60, diagnose)
-            done = wait_for("completed scheduled run", completed_runs, 120, diagnose)
-            wait_for("'data unchanged' in the run's logs", lambda: "data unchanged" in logged(next(iter(done))),
+            first_id = wait_until("deployment", deployment_id, 60, diagnose)
+            done = wait_until("completed scheduled run", completed_runs, 120, diagnose)
+            wait_until("'data unchanged' in the run's logs", lambda: "data unchanged" in logged(next(iter(done))),
                      30, diagnose)
 
             # Restart the serving process: same deployment, and the schedule keeps running.
             stop(serve)
             serve = start("serve", serve_command)
-            wait_for("re-registered deployment", lambda: deployment_id() == first_id and
+            wait_until("re-registered deployment", lambda: deployment_id() == first_id and
                      not http.get(f"/deployments/{first_id}").json()["paused"], 60, diagnose)
-            wait_for("run after the restart", lambda: completed_runs() - done, 120, diagnose)
+            wait_until("run after the restart", lambda: completed_runs() - done, 120, diagnose)
     finally:
         if serve is not None:
             stop(serve)

@@ -8,20 +8,17 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-import httpx
-import pytest
 
-from helpers import REPO_ROOT, TINY_PIPELINE, deep_merge, subprocess_env, write_params
+from helpers import REPO_ROOT, TINY_PIPELINE, deep_merge, subprocess_env, wait_until, write_params  # noqa: F401
 
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))  # ops/ and pipelines/ are packages at the repository root
 
-from ops.postgres import free_port  # noqa: E402
+from ops.postgres import free_port  # noqa: E402,F401  (re-exported for the tests)
 from ops.processes import group_alive, stop_group  # noqa: E402
 
 
@@ -49,19 +46,6 @@ class Service:
         if self.process is not None:
             stop_group(self.process, grace=20)
             assert not group_alive(self.process), f"{self.name} left processes behind"
-
-
-def wait_until(what: str, check: Callable[[], Any], timeout: float, diagnose: Callable[[], str] = str) -> Any:
-    """Poll ``check`` every half second until it returns something truthy; fail after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if result := check():
-                return result
-        except (httpx.HTTPError, OSError):
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"no {what} within {timeout:.0f} s\n{diagnose()}")
 
 
 def reachable_temp_dir(prefix: str) -> Path:
