@@ -689,7 +689,7 @@ def test_ddp_two_processes_match_one_process(tmp_path: Path, tokenized: Path) ->
     assert sorted(p.name for p in ddp.ck.iterdir()) == ["decay-start", "step-10", "step-20"]
     for step in (10, 20):
         meta = ckpt.read_meta(ddp.step(step))
-        assert meta["world_size"] == 2 and meta["resume_key"].endswith(":world2")
+        assert meta["world_size"] == 2 and ":world2:" in meta["resume_key"]
         ckpt.verify_checkpoint(ddp.step(step))
     assert out.count("trained 20 steps") == 1
     assert json.loads((ddp.metrics / "train.json").read_text())["world_size"] == 2
