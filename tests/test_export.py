@@ -124,7 +124,8 @@ def test_logits_match_torch_prefill_and_16_decode_steps(model, generator: OnnxGe
     past_ort, past_pt, worst = generator.empty_past(2), None, 0.0
     for step in range(17):  # the prefill (empty cache) and 16 single-token steps
         got, past_ort = generator.forward(ids, mask, positions, past_ort)
-        want, past_pt = model(torch.from_numpy(ids), past_pt, torch.from_numpy(positions), torch.from_numpy(mask))
+        with torch.no_grad():
+            want, past_pt = model(torch.from_numpy(ids), past_pt, torch.from_numpy(positions), torch.from_numpy(mask))
         assert got.shape == tuple(want.shape) and past_ort[0].shape == tuple(past_pt[0][0].shape)
         worst = max(worst, float(np.abs(got - want.numpy()).max()))
         ids = want[:, -1].argmax(-1, keepdim=True).numpy()
