@@ -21,9 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import regex
 import streamlit as st
 
 from openllm.config import CHECKPOINTS_DIR, EXPORT_DIR, METRICS_DIR, AppConfig, ConfigError, load_params
+from openllm.decode import blocked_pattern
 from openllm.fileio import read_json
 from openllm.paths import parse_step
 from openllm.inspection import AttentionModel, InspectionError
@@ -60,6 +62,12 @@ def load_settings(root: Path) -> AppConfig:
     """The ``app`` section of ``root/params.yaml`` (defaults without the file)."""
     path = root / "params.yaml"
     return load_params(path).app if path.is_file() else AppConfig()
+
+
+def output_filter(root: Path) -> regex.Pattern[str] | None:
+    """The server's output filter (``serve.output_filter`` of ``root/params.yaml``): the app applies it too."""
+    path = root / "params.yaml"
+    return blocked_pattern(load_params(path).serve.output_filter) if path.is_file() else None
 
 
 def _cache_size() -> int:

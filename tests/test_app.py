@@ -194,6 +194,26 @@ def test_a_broken_export_shows_its_error_in_its_own_column(project: Path, tmp_pa
     assert not app.exception and list(app.dataframe[0].value["checkpoint"]) == ["step-10", "step-30"]
 
 
+def test_the_output_filter_applies_in_the_app(project: Path, tmp_path: Path, monkeypatch) -> None:
+    """``serve.output_filter`` of params.yaml ends the app's text before a match, as in the server."""
+    sampling = Sampling(**{**EXPORT_SAMPLING.model_dump(), "max_new_tokens": 24, "seed": 7})
+    generator = OnnxGenerator.load(project / "models" / "export" / "step-10")
+    full = generator.generate("ROMEO:\n", sampling).text
+    word = next(full[i:i + 2] for i in range(3, len(full)) if full[i:i + 2].isalpha())
+    cut = full[: full.index(word)]
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "export").symlink_to(project / "models" / "export")
+    write_params(tmp_path, {"app": LIMITS, "serve": {"output_filter": [re.escape(word.upper())]}})
+    monkeypatch.setenv("OPENLLM_ROOT", str(tmp_path))
+    app = AppTest.from_file(str(APP), default_timeout=60).run()
+    app.sidebar.get("slider")[2].set_value(24)  # max new tokens
+    app.sidebar.get("number_input")[1].set_value(7)  # seed
+    generate(app, "ROMEO:\n")
+    assert not app.exception and not app.error
+    assert output_texts(app)[0] == shown(cut)  # step-10; step-20 writes other text
+    assert "output filter" in app.columns[0].caption[0].value
+
+
 def test_checkpoints_page(app: AppTest) -> None:
     app.switch_page(CHECKPOINTS_PAGE).run()
     assert not app.exception and not app.error

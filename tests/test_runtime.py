@@ -19,7 +19,7 @@ from fixtures_export import CONTEXT, build_checkpoint, build_export
 from helpers import run_openllm
 from openllm.checkpoint import load_model
 from openllm.evaluate import token_nats
-from openllm.decode import TextAssembler
+from openllm.decode import TextAssembler, blocked_pattern
 from openllm.runtime import GenerationError, GenerationResult, ModelLoadError, OnnxGenerator
 from openllm.sampling import Sampling
 from openllm.tokenizer import EOS_ID
@@ -148,6 +148,23 @@ def test_stop_matching_agrees_with_find_on_overlapping_stops() -> None:
             assert not assembler.stopped and shown == text[: len(text) - held]
         else:
             assert assembler.stopped == "stop" and shown == text[:cut], (stops, text)
+
+
+def test_the_output_filter_never_shows_the_start_of_a_match() -> None:
+    """A blocked word split over tokens: its first piece is held back, then the text ends before it."""
+    token_bytes = [t.encode() for t in ["Go ", "da", "mn", " it", "y", "!"]]
+    blocked = blocked_pattern([r"\bdamn\b", "secret-\\d+"])
+
+    def pieces(tokens: list[int]) -> tuple[list[str], str | None]:
+        assembler = TextAssembler(token_bytes, (), blocked)
+        shown = [assembler.add(t) for t in tokens]
+        return shown + [assembler.finish()], assembler.stopped
+
+    assert pieces([0, 1, 2, 3]) == (["Go ", "", "", "", ""], "content_filter")  # "da" is never shown
+    assert pieces([0, 1, 4, 5]) == (["Go ", "", "day", "!", ""], None)  # released once it cannot match
+    assert pieces([0, 1]) == (["Go ", "", "da"], None)  # the end of the text: "da" is no match
+    assert pieces([0, 2, 3]) == (["Go ", "mn", " it", ""], None)
+    assert blocked_pattern([]) is None
 
 
 def test_export_without_a_checksum_is_refused(export_dir: Path, tmp_path: Path) -> None:

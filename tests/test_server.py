@@ -18,6 +18,7 @@ import json
 import re
 import shutil
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -41,7 +42,7 @@ from openllm.server import api_key_for, create_app, find_exports, load_models, m
 from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(REPO_ROOT / "bench"))
-from server_load import free_port, measure, start_server, stop_server  # noqa: E402
+from server_load import free_port, measure, start_server, stop_server, wait_until_healthy  # noqa: E402
 
 LIMITS = dict(max_prompt_tokens=100, max_tokens=64, max_body_bytes=8192, max_n=3, max_prompts=4,
               batch_size=8, max_queued=16, request_timeout_seconds=30)
@@ -659,3 +660,37 @@ def test_http_layer_limits(generators: dict[str, OnnxGenerator]) -> None:
         for sock in [slow, big, stalled, *idle]:
             sock.close()
         wait_for(lambda: httpx.get(f"{url}/health").status_code == 200, 5)
+
+
+def test_a_flood_of_connections_cannot_use_up_the_open_files(exports: dict[str, Path], tmp_path: Path) -> None:
+    """300 clients that never finish a request, against a server allowed 128 open files at start."""
+    params = write_params(tmp_path, {"serve": {"max_connections": 16, "client_timeout_seconds": 1.0}})
+    serve = [sys.executable, "-m", "openllm", "--params", str(params), "serve", "--model", str(exports["step-10"])]
+    refused = subprocess.run(["prlimit", "--nofile=100:100", *serve], capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "serve.max_connections=16 needs 272 open files" in refused.stderr, refused.stderr
+    port, log = free_port(), tmp_path / "server.log"
+    with open(log, "wb") as out:  # a soft limit below what 16 connections need: the server raises it
+        process = subprocess.Popen(["prlimit", "--nofile=128:20000", *serve, "--port", str(port)],
+                                   stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_healthy(url, process)
+        flood = [raw_socket(url) for _ in range(300)]
+        for sock in flood:
+            with contextlib.suppress(OSError):  # past the limit the server has already closed it
+                sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+
+        def health() -> int | None:  # None: the connection was closed at once (past the limit)
+            with contextlib.suppress(httpx.TransportError):
+                return httpx.get(f"{url}/health", timeout=5).status_code
+            return None
+
+        started = time.monotonic()
+        assert health() in (503, None) and time.monotonic() - started < 2  # an answer at once, not a hang
+        wait_for(lambda: health() == 200, 10)  # the slow heads are closed after client_timeout_seconds
+        for sock in flood:
+            sock.close()
+    finally:
+        stop_server(process)
+    output = log.read_text(errors="replace")
+    assert "Too many open files" not in output and len(output) < 20_000, output[-3000:]

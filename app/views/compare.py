@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Iterator
 
 import streamlit as st
@@ -20,7 +21,8 @@ from openllm.sampling import MAX_TEMPERATURE, Sampling
 
 MAX_PICKS = 4
 SEED_MAX = 2**31 - 1
-FINISH = {"stop": "ended the text", "length": "reached the token limit"}
+FINISH = {"stop": "ended the text", "length": "reached the token limit",
+          "content_filter": "stopped by the output filter (serve.output_filter)"}
 
 
 @dataclass
@@ -101,8 +103,12 @@ def describe(result: GenerationResult, seconds: float, capped: int | None) -> st
 
 
 def generate(checkpoints: list[catalog.Checkpoint], prompt: str, sampling: Sampling,
-             max_prompt_tokens: int, tracking_uri: str) -> list[Output]:
-    """Stream every checkpoint's completion into its column; return what the columns show."""
+             max_prompt_tokens: int, root: Path) -> list[Output]:
+    """Stream every checkpoint's completion into its column; return what the columns show.
+
+    The server's output filter applies here too: a text ends before its first match.
+    """
+    tracking_uri, blocked = catalog.tracking_uri(root), catalog.output_filter(root)
     slots = board(prompt, [c.label for c in checkpoints])
     outputs = [Output(c.label) for c in checkpoints]
     streams: dict[int, Iterator[str]] = {}
@@ -120,7 +126,7 @@ def generate(checkpoints: list[catalog.Checkpoint], prompt: str, sampling: Sampl
             capped[i] = limit if sampling.max_new_tokens > limit else None
             results[i] = []
             own = replace(sampling, max_new_tokens=min(sampling.max_new_tokens, limit))
-            streams[i] = generator.stream(prompt, own, results=results[i])
+            streams[i] = generator.stream(prompt, own, results=results[i], blocked=blocked)
         except OpenLLMError as exc:  # a model that cannot load or run: say so in its column
             outputs[i].error = str(exc)
             show(slots[i], outputs[i])
@@ -169,8 +175,7 @@ if clicked:
     elif problem := catalog.prompt_limit_error(prompt, settings):
         st.error(problem)
     else:
-        outputs = generate([by_label[p] for p in picked], prompt, sampling, settings.max_prompt_tokens,
-                           catalog.tracking_uri(root))
+        outputs = generate([by_label[p] for p in picked], prompt, sampling, settings.max_prompt_tokens, root)
         st.session_state["outputs"] = (prompt, outputs)
 elif "outputs" in st.session_state:  # the last comparison stays on screen while settings change
     last_prompt, outputs = st.session_state["outputs"]

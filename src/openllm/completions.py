@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import time
 import uuid
 from dataclasses import dataclass, replace
@@ -14,6 +13,7 @@ from typing import Any, AsyncIterator
 
 import anyio
 import numpy as np
+import regex
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
@@ -50,7 +50,7 @@ class Job:
 
 
 def plan(body: CompletionRequest, generator: OnnxGenerator, limits: ServeConfig,
-         blocked: re.Pattern[str] | None) -> Job:
+         blocked: regex.Pattern[str] | None) -> Job:
     """Check the limits that depend on the server and the model; raise 400 :class:`APIError`."""
     if body.n > limits.max_n:
         raise APIError(400, f"n={body.n}: at most {limits.max_n} completions per prompt (serve.max_n)", "n")

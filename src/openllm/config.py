@@ -13,11 +13,11 @@ from .sampling import MAX_NEW_TOKENS, MAX_TEMPERATURE
 
 import hashlib
 import json
-import re
 from pathlib import Path, PurePath
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import regex
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -328,7 +328,8 @@ class ServeConfig(Section):
                              description="environment variable holding the bearer token; unset or empty = no auth")
     allow_unauthenticated: bool = Field(False, description="serve beyond loopback without an API key")
     output_filter: list[str] = Field([], description="regular expressions (case-insensitive) a completion must not "
-                                                      "contain; a match ends it with finish_reason content_filter")
+                                                      "contain, here and in the app; a match ends it with "
+                                                      "finish_reason content_filter")
     client_timeout_seconds: float = Field(10.0, gt=0, description="to send a request's headers, or its body; "
                                                                   "also how long an idle connection stays open")
     max_connections: int = Field(256, gt=0, description="open connections; beyond it requests get 503")
@@ -339,9 +340,9 @@ class ServeConfig(Section):
     def _patterns_compile(cls, patterns: list[str]) -> list[str]:
         for i, pattern in enumerate(patterns):
             try:
-                if re.compile(pattern).match(""):
+                if regex.compile(pattern).match(""):  # the module the filter runs with (partial matches)
                     raise ValueError(f"serve.output_filter[{i}]={pattern!r} matches empty text (it would block all)")
-            except re.error as exc:
+            except regex.error as exc:
                 raise ValueError(f"serve.output_filter[{i}]={pattern!r} is not a regular expression ({exc})") from None
         return patterns
 

@@ -18,12 +18,12 @@ random generator, seeded from its :class:`openllm.sampling.Sampling`.
 from __future__ import annotations
 
 import codecs
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import regex  # like re, plus partial matches: text that more text could turn into a match
 
 from .sampling import Sampling, draw, token_probabilities
 
@@ -65,16 +65,23 @@ class _StopMatcher:
         return self.state == len(self.stop)
 
 
+def blocked_pattern(patterns: Sequence[str]) -> regex.Pattern[str] | None:
+    """One case-insensitive expression matching any of ``patterns`` (an output filter), or None."""
+    return regex.compile("|".join(f"(?:{p})" for p in patterns), regex.IGNORECASE) if patterns else None
+
+
 class TextAssembler:
     """Generated tokens -> text that is safe to show, for one row.
 
     Safe means: whole UTF-8 characters only, nothing that might still turn out to be the start
-    of a stop string, and nothing matched by ``blocked`` (the server's output filter). Invalid
-    bytes become U+FFFD.
+    of a stop string, and nothing matched by ``blocked`` (an output filter, see
+    :func:`blocked_pattern`), not even the first piece of a match that later tokens complete:
+    text that could begin a match is held back until it does or cannot. Invalid bytes become
+    U+FFFD.
     """
 
     def __init__(self, token_bytes: Sequence[bytes], stops: Sequence[str] = (),
-                 blocked: re.Pattern[str] | None = None) -> None:
+                 blocked: regex.Pattern[str] | None = None) -> None:
         self._token_bytes = token_bytes
         self._matchers = [_StopMatcher(s) for s in stops]
         self._blocked = blocked
@@ -104,13 +111,17 @@ class TextAssembler:
         if self.stopped:
             return ""
         self._text += self._decoder.decode(b"", final=True)
-        return self._release(len(self._text))
+        return self._release(len(self._text), final=True)
 
-    def _release(self, end: int, reason: str | None = None) -> str:
+    def _release(self, end: int, reason: str | None = None, final: bool = False) -> str:
+        """Hand out the text up to ``end``; ``final`` (or a stop): no more text will follow it."""
         if self._blocked is not None:
-            found = self._blocked.search(self._text, 0, end)
-            if found:
+            final = final or reason is not None
+            found = self._blocked.search(self._text, 0, end, partial=not final)
+            if found is not None and not found.partial:
                 end, reason = found.start(), "content_filter"
+            elif found is not None:  # the start of a possible match: wait for the next token
+                end = found.start()
         if reason:
             self.stopped = reason
         piece, self._shown = self._text[self._shown:end], max(self._shown, end)

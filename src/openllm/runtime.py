@@ -21,7 +21,6 @@ Behaviour worth knowing:
 
 from __future__ import annotations
 
-import re
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -30,6 +29,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import onnxruntime as ort
+import regex
 
 from .decode import DecodeBatch, Row, TextAssembler
 from .errors import OpenLLMError
@@ -69,7 +69,7 @@ class GenerationResult:
     token_ids: list[int]  # generated ids (an end-of-text id is not included)
     prompt_tokens: int  # prompt tokens the model read
     completion_tokens: int
-    finish_reason: str  # "stop" (end-of-text or a stop string) | "length" (max tokens or context)
+    finish_reason: str  # "stop" (end-of-text or a stop string) | "length" (max tokens or context) | "content_filter"
     seconds: float  # wall time of the whole call (shared by the prompts of a batch)
     time_to_first_token: float  # seconds until the first new token was chosen
     truncated_prompt_tokens: int = 0  # tokens dropped from the start of an over-long prompt
@@ -110,21 +110,25 @@ class OnnxGenerator:
         self.default_sampling = Sampling(**config["sampling"])
         self.registry_version: str | None = None  # the MLflow model version, when loaded from the registry
         self._token_bytes = _token_bytes(tokenizer)
+        self._inputs, self._outputs = input_names(self.n_layer), output_names(self.n_layer)
 
     # --- loading -----------------------------------------------------------------------
 
     @classmethod
     def load(
         cls, path: str | Path, quantized: bool = False, threads: int = 0,
-        providers: Sequence[str] = ("CPUExecutionProvider",),
+        providers: Sequence[str] = ("CPUExecutionProvider",), spinning: bool = True,
     ) -> OnnxGenerator:
         """Load an export folder, or ``models:/<name>@<alias>`` / ``models:/<name>/<version>``.
 
         ``quantized`` picks ``model.int8.onnx`` instead of the fp32 ``model.onnx``;
         ``threads`` sets onnxruntime's intra-op threads (0 = its default, one per core).
+        ``spinning``: idle onnxruntime worker threads busy-wait for the next model call, which
+        makes one generation faster (the wake-up of a sleeping thread costs more than a small
+        model's layer). A server, whose HTTP threads need the same cores, turns it off.
         """
         if str(path).startswith(REGISTRY_PREFIX):
-            return cls._load_registry(str(path), quantized, threads, providers)
+            return cls._load_registry(str(path), quantized, threads, providers, spinning)
         folder = Path(path)
         if not folder.is_dir():
             raise ModelLoadError(f"{folder}: model folder not found (run `openllm export` first)")
@@ -147,9 +151,7 @@ class OnnxGenerator:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads
-        # Idle worker threads sleep instead of spinning: between model calls the decode loop samples in
-        # Python, and a server's HTTP thread needs the cores (measured faster on 2 busy cores, both ways).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         options.log_severity_level = 3  # errors only
         try:
             session = ort.InferenceSession(str(model_path), options, providers=list(providers))
@@ -164,7 +166,9 @@ class OnnxGenerator:
             raise ModelLoadError(f"{folder}: invalid {CONFIG_FILE} ({exc})") from None
 
     @classmethod
-    def _load_registry(cls, uri: str, quantized: bool, threads: int, providers: Sequence[str]) -> OnnxGenerator:
+    def _load_registry(
+        cls, uri: str, quantized: bool, threads: int, providers: Sequence[str], spinning: bool
+    ) -> OnnxGenerator:
         """Download a registered model's files (MLflow), load them, drop the download."""
         from . import registry  # MLflow only here: the registry is optional for serving
 
@@ -174,7 +178,7 @@ class OnnxGenerator:
                 folder = registry.download_export(registry.version_uri(registry.model_name(uri), version), Path(tmp))
             except registry.RegistryError as exc:
                 raise ModelLoadError(str(exc)) from None
-            generator = cls.load(folder, quantized, threads, providers)  # all in memory afterwards
+            generator = cls.load(folder, quantized, threads, providers, spinning)  # all in memory afterwards
         generator.source = uri
         generator.registry_version = version
         return generator
@@ -197,10 +201,8 @@ class OnnxGenerator:
         """Run the model once: logits (B, T, V) and the cache grown by T tokens (``past`` None: empty)."""
         if past is None:
             past = self.empty_past(len(input_ids))
-        feed = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64),
-                "position_ids": position_ids.astype(np.int64)}
-        feed.update(zip(input_names(self.n_layer)[3:], past))
-        logits, *present = self.session.run(None, feed)
+        ints = (np.asarray(a, np.int64) for a in (input_ids, attention_mask, position_ids))  # no copy if int64
+        logits, *present = self.session.run(self._outputs, dict(zip(self._inputs, (*ints, *past))))
         return logits, present
 
     # --- text --------------------------------------------------------------------------
@@ -245,15 +247,17 @@ class OnnxGenerator:
 
     def stream(
         self, prompt: str, sampling: Sampling | None = None, stop: Sequence[str] = (),
-        results: list[GenerationResult] | None = None,
+        results: list[GenerationResult] | None = None, blocked: regex.Pattern[str] | None = None,
     ) -> Iterator[str]:
         """Yield the completion as it is generated, in pieces of whole characters.
 
         The pieces join to ``generate(...).text``; pass a list as ``results`` to receive the
         :class:`GenerationResult` (finish reason, counts, timings) when the stream ends.
+        ``blocked`` (:func:`openllm.decode.blocked_pattern`) ends the text before its first
+        match, with ``finish_reason == "content_filter"``.
         """
         results = [] if results is None else results
-        for _, piece in self._run(self._encode_prompts([prompt]), sampling, stop, results):
+        for _, piece in self._run(self._encode_prompts([prompt]), sampling, stop, results, blocked):
             yield piece
 
     # --- the generation loop -------------------------------------------------------------
@@ -291,7 +295,7 @@ class OnnxGenerator:
 
     def new_row(
         self, prompt_ids: Sequence[int], sampling: Sampling, stop: Sequence[str] = (),
-        blocked: re.Pattern[str] | None = None, top_logprobs: int | None = None,
+        blocked: regex.Pattern[str] | None = None, top_logprobs: int | None = None,
     ) -> Row:
         """A row for :class:`openllm.decode.DecodeBatch` that also assembles its text."""
         return Row(list(prompt_ids), sampling, TextAssembler(self._token_bytes, stop, blocked), top_logprobs)
@@ -302,7 +306,7 @@ class OnnxGenerator:
 
     def _run(
         self, prompt_ids: Sequence[Sequence[int]], sampling: Sampling | None, stop: Sequence[str],
-        results: list[GenerationResult],
+        results: list[GenerationResult], blocked: regex.Pattern[str] | None = None,
     ) -> Iterator[tuple[int, str]]:
         """Yield ``(prompt index, new text)`` as text becomes final; append the results at the end."""
         sampling = self.default_sampling if sampling is None else sampling
@@ -310,7 +314,8 @@ class OnnxGenerator:
         started = time.perf_counter()
         keep = self.context_length - 1  # an over-long prompt keeps its end, leaving room for one token
         seeds = [None if sampling.seed is None else sampling.seed + i for i in range(len(prompts))]
-        rows = [self.new_row(p[-keep:], replace(sampling, seed=seed), stop) for p, seed in zip(prompts, seeds)]
+        rows = [self.new_row(p[-keep:], replace(sampling, seed=seed), stop, blocked)
+                for p, seed in zip(prompts, seeds)]
         batch = self.decode_batch()
         batch.add(rows)
         while batch.rows:

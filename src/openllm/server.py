@@ -33,7 +33,6 @@ import contextlib
 import hmac
 import logging
 import os
-import re
 import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Mapping, Sequence
@@ -46,10 +45,11 @@ from .api import APIError, ClientGone, read_request
 from .batching import Scheduler
 from .completions import complete, plan
 from .config import ServeConfig
+from .decode import blocked_pattern
 from .paths import EXPORT_DIR, parse_step
 from .errors import OpenLLMError
 from .runtime import CONFIG_FILE, REGISTRY_PREFIX, ModelLoadError, OnnxGenerator
-from .server_ops import Metrics, lineage
+from .server_ops import Metrics, lineage, open_files_for
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,8 @@ def load_models(
         name = model_id(spec)
         if name in models:
             raise ModelLoadError(f"two models would both be called {name!r}: serve folders with different names")
-        models[name] = OnnxGenerator.load(spec, quantized=quantized)
+        # worker threads sleep between model calls: the HTTP threads need the same cores
+        models[name] = OnnxGenerator.load(spec, quantized=quantized, spinning=False)
     return models
 
 
@@ -109,7 +110,7 @@ def create_app(models: Mapping[str, OnnxGenerator], limits: ServeConfig | None =
     limits = limits or ServeConfig()
     schedulers = {name: Scheduler(generator, limits.batch_size, limits.max_queued) for name, generator in models.items()}
     metrics = Metrics(schedulers)
-    blocked = output_filter(limits.output_filter)
+    blocked = blocked_pattern(limits.output_filter)
     authorize = bearer_check(api_key, limits.api_key_env)
     loaded_at = int(time.time())
 
@@ -193,11 +194,6 @@ def find_model(models: Mapping[str, OnnxGenerator], name: str) -> OnnxGenerator:
     return models[name]
 
 
-def output_filter(patterns: Sequence[str]) -> re.Pattern[str] | None:
-    """One case-insensitive expression matching any of ``patterns`` (serve.output_filter), or None."""
-    return re.compile("|".join(f"(?:{p})" for p in patterns), re.IGNORECASE) if patterns else None
-
-
 def bearer_check(api_key: str | None, variable: str) -> Callable[[Request], None]:
     """A check that raises 401 unless the request carries ``Authorization: Bearer <api_key>``."""
 
@@ -228,13 +224,15 @@ def uvicorn_config(app: FastAPI, limits: ServeConfig, **options: Any) -> Any:
     """uvicorn's settings with the HTTP-layer limits of ``limits`` (see the README's table)."""
     import uvicorn  # only here: the library does not need it
 
-    from .server_ops import SlowClientProtocol
+    from .server_ops import BACKLOG, SlowClientProtocol
 
     class Protocol(SlowClientProtocol):
         header_timeout = limits.client_timeout_seconds
+        max_connections = limits.max_connections
 
     return uvicorn.Config(
         app, host=limits.host, port=limits.port, http=Protocol, limit_concurrency=limits.max_connections,
+        backlog=BACKLOG,
         timeout_keep_alive=max(1, round(limits.client_timeout_seconds)),
         h11_max_incomplete_event_size=limits.max_header_bytes, **options,
     )
@@ -245,6 +243,7 @@ def serve(specs: Sequence[str], limits: ServeConfig, quantized: bool = False) ->
     import uvicorn
 
     api_key = api_key_for(limits)
+    open_files_for(limits.max_connections)
     models = load_models(specs, quantized=quantized)
     for name, generator in models.items():
         log.info("serving %s (%s, context %d tokens)", name, generator.source, generator.context_length)

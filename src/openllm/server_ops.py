@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import asyncio
+import resource
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -22,6 +23,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from . import tracking
 from .batching import Scheduler
+from .errors import OpenLLMError
 from .runtime import OnnxGenerator
 
 if TYPE_CHECKING:
@@ -126,16 +128,49 @@ def lineage(generator: OnnxGenerator) -> dict[str, Any]:
     }
 
 
+# Connections past serve.max_connections that are still accepted, to be answered 503; beyond
+# them a new connection is closed at once. BACKLOG: connections the kernel queues, which the
+# event loop may accept in one go before it can close any. Plus files for models and logs.
+OVERFLOW_CONNECTIONS = 64
+BACKLOG = 128
+OTHER_FILES = 64
+
+
+def open_files_for(max_connections: int) -> int:
+    """Raise this process's soft open-file limit to what ``max_connections`` needs; return the limit.
+
+    Without it, connections beyond the limit make accept() fail with "too many open files",
+    and then the server answers nobody (not even /health) and logs each failure.
+    """
+    need = max_connections + OVERFLOW_CONNECTIONS + BACKLOG + OTHER_FILES
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return soft
+    if hard != resource.RLIM_INFINITY and hard < need:
+        raise OpenLLMError(
+            f"serve.max_connections={max_connections} needs {need} open files, but this process may open at "
+            f"most {hard} (`ulimit -Hn`): lower serve.max_connections to {max(1, hard - need + max_connections)} "
+            "or raise the limit"
+        )
+    resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+    return need
+
+
 class SlowClientProtocol(H11Protocol):
     """uvicorn's HTTP/1.1 protocol, closing connections that do not send a whole request head
     within ``header_timeout`` seconds (uvicorn waits forever: slow clients could hold every
-    connection). The keep-alive timeout covers idle connections between requests."""
+    connection). The keep-alive timeout covers idle connections between requests. Connections
+    beyond ``max_connections`` + OVERFLOW_CONNECTIONS are closed as soon as they are accepted,
+    so a flood of them cannot use up the open files."""
 
     header_timeout = 10.0
+    max_connections = 256
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._head_timer = self.loop.call_later(self.header_timeout, self._head_too_slow)
+        if len(self.server_state.connections) > self.max_connections + OVERFLOW_CONNECTIONS:
+            transport.close()
 
     def _head_too_slow(self) -> None:
         idle = self.cycle is None or self.cycle.response_complete  # no request has begun since
