@@ -35,10 +35,10 @@ from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
 from openllm.config import ConfigError, load_params  # noqa: E402
 from openllm.paths import run_id_path  # noqa: E402
-from pipelines.flows import (  # noqa: E402
-    SUMMARY_ARTIFACT, check_data, check_params, dvc_command, dvc_stages, load_sections, pipeline,
-    read_source_record, source_fingerprint, write_source_record,
-)
+from pipelines.data_source import read_source_record, source_fingerprint, write_source_record  # noqa: E402
+from pipelines.dvc_commands import dvc_command  # noqa: E402
+from pipelines.flows import check_data, check_params, dvc_stages, load_sections, pipeline  # noqa: E402
+from pipelines.run_summary import SUMMARY_ARTIFACT  # noqa: E402
 from pipelines.serve import build_deployments  # noqa: E402
 
 EXPORT_READY = (REPO_ROOT / "src" / "openllm" / "export.py").is_file()

@@ -19,7 +19,8 @@ from servicekit import Service, make_dvc_repo, repo_env, wait_until
 
 from helpers import REPO_ROOT, VENV_BIN
 
-from pipelines.flows import load_sections, source_fingerprint, write_source_record  # noqa: E402
+from pipelines.data_source import source_fingerprint, write_source_record  # noqa: E402
+from pipelines.flows import load_sections  # noqa: E402
 
 
 def deploy(prefect_api, repo: Path, pool: str, *options: str) -> dict[str, str]:
