@@ -24,10 +24,10 @@ import pandas as pd
 import regex
 import streamlit as st
 
-from openllm.config import CHECKPOINTS_DIR, EXPORT_DIR, METRICS_DIR, AppConfig, ConfigError, load_params
+from openllm.config import AppConfig, ConfigError, load_params
 from openllm.decode import blocked_pattern
 from openllm.fileio import read_json
-from openllm.paths import parse_step
+from openllm.paths import CHECKPOINTS_DIR, EXPORT_DIR, METRICS_DIR, parse_step
 from openllm.inspection import AttentionModel, InspectionError
 from openllm import registry, tracking
 from openllm.manifest import ExportManifest, ManifestError

@@ -12,8 +12,10 @@ from pathlib import Path
 import torch
 
 from helpers import TINY_DOCS
-from openllm.checkpoint import CheckpointMeta, save_checkpoint, step_folder
-from openllm.config import ExportConfig, SamplingConfig, TokenizerConfig
+from openllm.checkpoint import CheckpointMeta, save_checkpoint
+from openllm.paths import step_folder
+from openllm.config import ExportConfig, TokenizerConfig
+from openllm.sampling import Sampling
 from openllm.data import shakespeare_documents
 from openllm.export import export_checkpoint
 from openllm.fileio import sha256_file
@@ -59,5 +61,5 @@ def build_export(root: Path, **export_options: bool) -> Path:
     out = root / name / "step-10"
     if not out.is_dir():
         checkpoint = build_checkpoint(root / "checkpoints")
-        export_checkpoint(checkpoint, out, ExportConfig(**options), SamplingConfig(), None)
+        export_checkpoint(checkpoint, out, ExportConfig(**options), Sampling(), None)
     return out

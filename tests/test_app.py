@@ -18,7 +18,7 @@ from streamlit.testing.v1 import AppTest
 
 from fixtures_export import build_checkpoint
 from helpers import REPO_ROOT, write_params
-from openllm.config import ExportConfig, SamplingConfig
+from openllm.config import ExportConfig
 from openllm.export import export_checkpoint
 from openllm.runtime import OnnxGenerator
 from openllm.sampling import Sampling
@@ -31,7 +31,7 @@ MLFLOW_UI = "http://127.0.0.1:5000"
 LIMITS = {"max_prompt_chars": 200, "max_prompt_tokens": 40}
 SCRIPT = "<script>alert(1)</script>"
 # The exports' sampling (params.yaml evaluate.sampling): not the defaults, to see the app use it.
-EXPORT_SAMPLING = SamplingConfig(temperature=0.7, top_k=40, top_p=0.9, max_new_tokens=48, seed=3)
+EXPORT_SAMPLING = Sampling(temperature=0.7, top_k=40, top_p=0.9, max_new_tokens=48, seed=3)
 
 
 def make_project(root: Path) -> Path:

@@ -17,6 +17,7 @@ from openllm.data import shakespeare_documents, write_corpus
 from openllm.evaluate import EvaluationError, evaluate_checkpoint, language_metrics, log_to_mlflow, token_nats
 from openllm.fileio import write_json
 from openllm.model import GPT, GPTConfig
+from openllm.paths import step_folder
 from openllm.tokenizer import tokenize
 
 
@@ -32,7 +33,7 @@ def workspace(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=meta["vocab_size"], context_length=16, n_layer=1, n_head=2, n_embd=16,
                           intermediate_size=32))
-    ckpt.save_checkpoint(ckpt.step_folder(root / "models/checkpoints", 5), model,
+    ckpt.save_checkpoint(step_folder(root / "models/checkpoints", 5), model,
                          root / "data/tokenized/tokenizer.model",
                          {"step": 5, "tokens_seen": 640, "tokenizer_sha256": meta["tokenizer_sha256"]})
     return root

@@ -13,7 +13,7 @@ import torch
 from fixtures_export import CONTEXT, build_checkpoint, build_export
 from helpers import TINY_DOCS, run_openllm
 from openllm.checkpoint import CheckpointError, load_model
-from openllm.config import ExportConfig, MlflowConfig, SamplingConfig
+from openllm.config import ExportConfig
 from openllm.errors import OpenLLMError
 from openllm.export import ExportError, export_checkpoint
 from openllm.manifest import ExportManifest
@@ -57,7 +57,7 @@ def test_folder_contents_and_metadata(export_dir: Path, checkpoint: Path) -> Non
     assert config["n_layer"] == 2 and config["n_head"] == 4 and config["head_dim"] == 8
     assert config["context_length"] == CONTEXT and config["vocab_size"] == 400
     assert (config["bos_id"], config["eos_id"], config["unk_id"]) == (1, 2, 0)
-    assert config["sampling"] == SamplingConfig().model_dump()
+    assert config["sampling"] == Sampling().model_dump()
     assert config["step"] == 10 and config["val_loss"] == 5.0 and config["opset"] == 18
     assert config["files"] == {"model": "model.onnx", "model_int8": "int8/model.int8.onnx", "tokenizer": "tokenizer.model"}
     assert ExportManifest.from_dict(config).checkpoint["meta"]["tokens_seen"] == 10 * 1024
@@ -179,12 +179,12 @@ def test_corrupt_or_missing_files_are_clear_errors(export_dir: Path, tmp_path: P
 def test_missing_or_corrupt_checkpoint_writes_nothing(checkpoint: Path, tmp_path: Path) -> None:
     out = tmp_path / "export" / "step-10"
     with pytest.raises(CheckpointError, match="not found"):
-        export_checkpoint(tmp_path / "missing", out, ExportConfig(), SamplingConfig(), None)
+        export_checkpoint(tmp_path / "missing", out, ExportConfig(), Sampling(), None)
     bad = tmp_path / "step-10"
     shutil.copytree(checkpoint, bad)
     (bad / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(OpenLLMError, match="corrupt"):
-        export_checkpoint(bad, out, ExportConfig(), SamplingConfig(), None)
+        export_checkpoint(bad, out, ExportConfig(), Sampling(), None)
     assert not out.exists() and not list((tmp_path / "export").glob(".*"))  # no temp folders left
 
 
@@ -257,7 +257,7 @@ def test_hf_folder_pads_generates_in_batches_and_has_a_card(export_dir: Path, ch
     # tokenizer_class names a class transformers 4.x has too (5.x's TokenizersBackend is unknown there)
     assert read_json(folder / "tokenizer_config.json")["tokenizer_class"] == "PreTrainedTokenizerFast"
     generation = read_json(folder / "generation_config.json")
-    sampling = SamplingConfig()
+    sampling = Sampling()
     assert (generation["temperature"], generation["top_k"], generation["top_p"], generation["max_new_tokens"]) == (
         sampling.temperature, sampling.top_k, sampling.top_p, sampling.max_new_tokens)
     assert generation["pad_token_id"] == 2 and generation["do_sample"] is True
@@ -307,7 +307,7 @@ def test_onnxruntime_genai_loads_each_variant_with_our_greedy_tokens(export_dir:
         assert np.abs(last - logits[0, -1]).max() < (1e-4 if variant == "fp32" else 2e-2)
     config = read_json(folder / "genai_config.json")
     assert config["model"]["decoder"]["filename"] == ("model.onnx" if variant == "fp32" else "model.int8.onnx")
-    assert config["search"]["do_sample"] is True and config["search"]["top_k"] == SamplingConfig().top_k
+    assert config["search"]["do_sample"] is True and config["search"]["top_k"] == Sampling().top_k
     assert read_json(export_dir / "export.json")["genai"][variant]["greedy_tokens_equal"] > 0
 
 

@@ -17,7 +17,7 @@ import pytest
 from fixtures_export import build_checkpoint
 from helpers import free_port, subprocess_env
 from openllm import registry, tracking
-from openllm.config import ExportConfig, MlflowConfig, SamplingConfig
+from openllm.config import ExportConfig, MlflowConfig
 from openllm.export import export_checkpoint
 from openllm.fileio import read_json, write_json
 from openllm.runtime import ModelLoadError, OnnxGenerator
@@ -45,7 +45,7 @@ def store(tmp_path_factory) -> dict:
         folder = build_checkpoint(checkpoints, step=step, val_loss=val_loss, seed=step)
         metrics = root / "metrics" / f"step-{step}.json"
         write_json(metrics, {"val_loss": val_loss, "val_bits_per_byte": bpb, "val_perplexity": 2.0})
-        reports[step] = export_checkpoint(folder, root / "export" / f"step-{step}", cfg, SamplingConfig(),
+        reports[step] = export_checkpoint(folder, root / "export" / f"step-{step}", cfg, Sampling(),
                                           mlflow_cfg, metrics_path=metrics)
     yield {"root": root, "uri": uri, "run": training_run, "reports": reports, "mlflow": mlflow, "cfg": cfg,
            "mlflow_cfg": mlflow_cfg, "checkpoints": checkpoints}
@@ -73,7 +73,7 @@ def test_reexport_replaces_the_version_and_aliases_follow(store: dict) -> None:
     root = store["root"]
     before = {int(v.version) for v in registry.list_versions(NAME)}
     again = export_checkpoint(store["checkpoints"] / "step-10", root / "export" / "step-10", store["cfg"],
-                              SamplingConfig(), store["mlflow_cfg"], metrics_path=root / "metrics" / "step-10.json")
+                              Sampling(), store["mlflow_cfg"], metrics_path=root / "metrics" / "step-10.json")
     after = {int(v.version) for v in registry.list_versions(NAME)}
     assert len(after) == 2 and again["mlflow"]["version"] == max(after) > max(before)
     assert registry.resolve_version(f"models:/{NAME}@best") == str(again["mlflow"]["version"])

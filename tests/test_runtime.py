@@ -9,7 +9,6 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +59,7 @@ def test_import_does_not_load_torch() -> None:
 def test_same_seed_same_text_other_seed_other_text(generator: OnnxGenerator) -> None:
     a = generator.generate("ROMEO:\n", HOT)
     b = generator.generate("ROMEO:\n", HOT)
-    c = generator.generate("ROMEO:\n", replace(HOT, seed=8))
+    c = generator.generate("ROMEO:\n", HOT.replace(seed=8))
     assert a.token_ids == b.token_ids and a.text == b.text
     assert a.token_ids != c.token_ids
 
@@ -81,13 +80,13 @@ def test_batch_equals_one_at_a_time(generator: OnnxGenerator) -> None:
     # Sampled: prompt i of a batch draws with seed + i, whatever else is in the batch.
     sampled = generator.generate_batch(prompts[:2], HOT)
     assert sampled[0].token_ids == generator.generate(prompts[0], HOT).token_ids
-    assert sampled[1].token_ids == generator.generate(prompts[1], replace(HOT, seed=8)).token_ids
+    assert sampled[1].token_ids == generator.generate(prompts[1], HOT.replace(seed=8)).token_ids
 
 
 def test_rows_joining_a_running_batch_write_what_they_write_alone(generator: OnnxGenerator) -> None:
     """The server's continuous batching: rows join and leave between steps, texts unchanged."""
     prompts = [generator.encode(p) for p in ("ROMEO:\n", "To be, or not to be", "Hi", "東京 🙂")]
-    settings = [replace(HOT, seed=s, max_new_tokens=m) for s, m in ((1, 20), (2, 5), (3, 12), (4, 16))]
+    settings = [HOT.replace(seed=s, max_new_tokens=m) for s, m in ((1, 20), (2, 5), (3, 12), (4, 16))]
     rows = [generator.new_row(p, s) for p, s in zip(prompts, settings)]
     batch = generator.decode_batch()
     batch.add(rows[:1])
@@ -183,7 +182,7 @@ def test_export_without_a_checksum_is_refused(export_dir: Path, tmp_path: Path) 
 
 def test_long_stop_strings_cost_time_linear_in_their_length(generator: OnnxGenerator) -> None:
     """Four 16,000-character stop strings used to make 60 tokens 14x slower (quadratic matching)."""
-    sampling = replace(HOT, max_new_tokens=60)
+    sampling = HOT.replace(max_new_tokens=60)
     stops = [c * 16_000 for c in "abcd"]  # never matched, always partly held back
     def best_of_3(stop: list[str]) -> tuple[float, list[int]]:  # the fastest run: other work on the machine
         runs = []

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
-from openllm.sampling import MAX_NEW_TOKENS, MAX_TEMPERATURE, Sampling, draw, sample_next, token_probabilities
+from openllm.config import ConfigError, parse_params
+from openllm.sampling import (MAX_NEW_TOKENS, MAX_TEMPERATURE, Sampling, draw, one_line, sample_next,
+                              token_probabilities)
 
 # One row of logits whose softmax is easy to reason about: probabilities 0.4, 0.3, 0.2, 0.1, 0.
 PROBS = np.array([0.1, 0.4, 0.0, 0.3, 0.2])
@@ -62,12 +63,30 @@ def test_rows_together_equal_rows_alone_and_seeds_repeat() -> None:
 
 
 @pytest.mark.parametrize("changes, message", [
-    ({"temperature": MAX_TEMPERATURE + 0.1}, "between 0 and 5"),
-    ({"temperature": float("nan")}, "finite"),
-    ({"top_k": -1}, "non-negative"),
-    ({"top_p": 0.0}, "in (0, 1]"),
-    ({"max_new_tokens": MAX_NEW_TOKENS + 1}, "from 1 to 4096"),
+    ({"temperature": MAX_TEMPERATURE + 0.1}, "temperature=5.1: Input should be less than or equal to 5"),
+    ({"temperature": float("nan")}, "temperature=nan: Input should be a finite number"),
+    ({"top_k": -1}, "top_k=-1: Input should be greater than or equal to 0"),
+    ({"top_k": True}, "top_k=True: Input should be a valid integer"),
+    ({"top_p": 0.0}, "top_p=0.0: Input should be greater than 0"),
+    ({"max_new_tokens": MAX_NEW_TOKENS + 1}, "max_new_tokens=4097: Input should be less than or equal to 4096"),
+    ({"seed": -1}, "seed=-1: Input should be greater than or equal to 0"),
+    ({"temprature": 1.0}, "temprature=1.0: Extra inputs are not permitted"),
 ])
 def test_bounds(changes: dict, message: str) -> None:
-    with pytest.raises(ValueError, match=re.escape(message)):
+    """One line naming the field; a changed copy is checked like a new one."""
+    with pytest.raises(ValidationError) as new:
         Sampling(**changes)
+    with pytest.raises(ValidationError) as changed:
+        Sampling().replace(**changes)
+    assert one_line(new.value) == one_line(changed.value) == message
+
+
+def test_params_yaml_sampling_is_the_same_type_with_the_same_bounds() -> None:
+    """evaluate.sampling in params.yaml is a Sampling: a bad value fails there with the field's path."""
+    assert isinstance(parse_params({}).evaluate.sampling, Sampling)
+    with pytest.raises(ConfigError, match=r"evaluate\.sampling\.top_p=1\.5: Input should be less than or equal to 1"):
+        parse_params({"evaluate": {"sampling": {"top_p": 1.5}}})
+    with pytest.raises(ConfigError, match=r"unknown key 'evaluate\.sampling\.temprature'"):
+        parse_params({"evaluate": {"sampling": {"temprature": 1.0}}})
+    with pytest.raises(ConfigError, match="evaluate.sampling.seed is null"):
+        parse_params({"evaluate": {"sampling": {"seed": None}}})

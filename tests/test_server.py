@@ -34,7 +34,8 @@ import uvicorn
 
 from fixtures_export import build_checkpoint, build_export
 from helpers import REPO_ROOT, run_openllm, write_params
-from openllm.config import ExportConfig, SamplingConfig, ServeConfig
+from openllm.config import ExportConfig, ServeConfig
+from openllm.sampling import Sampling
 from openllm.export import export_checkpoint
 from openllm.runtime import ModelLoadError, OnnxGenerator
 from openllm.decode import log_softmax
@@ -61,7 +62,7 @@ def exports(session_dir: Path) -> dict[str, Path]:
     if not step20.is_dir():
         checkpoint = build_checkpoint(root / "checkpoints", step=20, seed=1)
         export_checkpoint(checkpoint, step20, ExportConfig(quantize=False, huggingface=False, register_model=False),
-                          SamplingConfig(), None)
+                          Sampling(), None)
     return {"step-10": build_export(root, quantize=False, huggingface=False), "step-20": step20}
 
 

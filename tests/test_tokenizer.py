@@ -15,7 +15,8 @@ import pytest
 
 from helpers import TINY_DOCS, snapshot_tree
 from openllm.config import TokenizerConfig
-from openllm.data import iter_documents, write_corpus
+from openllm.data import write_corpus
+from openllm.fileio import iter_documents
 from openllm.fileio import sha256_file
 from openllm.tokenizer import (
     BOS_ID,

@@ -37,12 +37,11 @@ from safetensors.torch import load_file, safe_open, save_file
 from helpers import snapshot_tree, subprocess_env
 from openllm import checkpoint as ckpt
 from openllm import train as train_mod
-from openllm.paths import EVAL_LOG, STEP_LOG
+from openllm.paths import EVAL_LOG, STEP_LOG, run_id_path, step_folder
 from openllm.runlog import STEP_COLUMNS
 from openllm.config import ConfigError, DataConfig, TokenizerConfig, TrainConfig, parse_params
 from openllm import device as device_mod
 from openllm.device import DeviceError, DeviceSetup, resolve_device
-from openllm.paths import run_id_path
 from openllm.schedule import Schedule
 from openllm.train import TrainingError, train
 from openllm.windows import DataTooShortError, WindowSampler
@@ -117,7 +116,7 @@ class Project:
         self.mlflow_uri = f"sqlite:///{root / 'mlflow.db'}"
 
     def step(self, n: int) -> Path:
-        return ckpt.step_folder(self.ck, n)
+        return step_folder(self.ck, n)
 
     def run_id(self) -> str:
         return run_id_path(self.ck).read_text().strip()
@@ -652,10 +651,13 @@ def test_early_stopping_writes_remaining_checkpoints(project: Project, monkeypat
         {k: v for k, v in folders.items() if k.startswith("step-")}
 
 
-def test_early_stopping_off_runs_all_steps(project: Project, monkeypatch) -> None:
+def test_early_stopping_off_runs_all_steps(project: Project, monkeypatch, train_log) -> None:
     summary = project.train(monkeypatch, **(EARLY | dict(early_stopping_patience=0, max_steps=30,
                                                          checkpoint_steps=[30])))
     assert summary["steps"] == 30 and summary["early_stopped"] is False
+    # without a progress bar (output to a file), one log line per 1/20 of the steps (here every 2)
+    lines = [r.getMessage() for r in train_log.records if re.match(r"step \d+/30: loss", r.getMessage())]
+    assert [line.split(":")[0] for line in lines] == [f"step {s}/30" for s in range(2, 31, 2)]
     assert ckpt.read_meta(project.step(30))["early_stopped"] is False
 
 

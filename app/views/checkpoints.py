@@ -10,7 +10,7 @@ import pandas as pd
 import streamlit as st
 
 import catalog
-from openllm.config import METRICS_DIR
+from openllm.paths import METRICS_DIR
 
 root, settings, checkpoints = catalog.start_page("Checkpoints")
 rows = pd.DataFrame([catalog.checkpoint_row(root, c, settings.mlflow_ui_url) for c in checkpoints])

@@ -7,17 +7,18 @@ so a prompt such as ``<script>alert(1)</script>`` appears exactly as typed.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import streamlit as st
+from pydantic import ValidationError
 from streamlit.delta_generator import DeltaGenerator
 
 import catalog
 from openllm.errors import OpenLLMError
 from openllm.runtime import GenerationResult
-from openllm.sampling import MAX_TEMPERATURE, Sampling
+from openllm.sampling import MAX_TEMPERATURE, Sampling, one_line
 
 MAX_PICKS = 4
 SEED_MAX = 2**31 - 1
@@ -65,8 +66,8 @@ def sampling_controls(defaults: Sampling, max_new_tokens: int) -> Sampling:
     try:
         return Sampling(temperature=temperature, top_k=int(top_k), top_p=top_p, max_new_tokens=new_tokens,
                         seed=int(seed))
-    except ValueError as exc:  # only a hand-made request gets past the widgets' bounds
-        st.error(str(exc))
+    except ValidationError as exc:  # only a hand-made request gets past the widgets' bounds
+        st.error(one_line(exc))
         st.stop()
 
 
@@ -125,7 +126,7 @@ def generate(checkpoints: list[catalog.Checkpoint], prompt: str, sampling: Sampl
             limit = generator.context_length - 1
             capped[i] = limit if sampling.max_new_tokens > limit else None
             results[i] = []
-            own = replace(sampling, max_new_tokens=min(sampling.max_new_tokens, limit))
+            own = sampling.replace(max_new_tokens=min(sampling.max_new_tokens, limit))
             streams[i] = generator.stream(prompt, own, results=results[i], blocked=blocked)
         except OpenLLMError as exc:  # a model that cannot load or run: say so in its column
             outputs[i].error = str(exc)

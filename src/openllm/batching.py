@@ -20,7 +20,7 @@ import time
 from collections import deque
 from typing import Any, Sequence
 
-from .decode import DecodeBatch, Row
+from .decode import Row
 from .runtime import OnnxGenerator
 
 log = logging.getLogger(__name__)

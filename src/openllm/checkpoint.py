@@ -31,7 +31,7 @@ from safetensors.torch import load_model as load_safetensors_into
 from .errors import OpenLLMError
 from .fileio import atomic_dir, read_json, sha256_file
 from .model import GPT, GPTConfig
-from .paths import parse_step, step_folder  # noqa: F401  (step_folder: re-exported for callers)
+from .paths import parse_step
 
 WEIGHTS, CONFIG, META, TOKENIZER = "model.safetensors", "config.json", "meta.json", "tokenizer.model"
 STATE_TENSORS, STATE_JSON, COMPLETE = "training_state.safetensors", "training_state.json", "COMPLETE"

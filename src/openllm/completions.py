@@ -8,7 +8,7 @@ import asyncio
 import json
 import time
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 import anyio
@@ -85,7 +85,7 @@ def plan(body: CompletionRequest, generator: OnnxGenerator, limits: ServeConfig,
             raise APIError(400, str(exc)) from None
         for choice in range(len(prompts) * body.n):  # choice i draws with seed + i; no seed: a random one each
             seed = None if body.seed is None else body.seed + choice
-            rows.append(generator.new_row(prompts[choice // body.n], replace(sampling, seed=seed), body.stop or [],
+            rows.append(generator.new_row(prompts[choice // body.n], sampling.replace(seed=seed), body.stop or [],
                                           blocked, body.logprobs))
     return Job(model=body.model, generator=generator, prompts=prompts, prompt_texts=body.prompt, rows=rows,
                n=body.n, echo=body.echo, logprobs=body.logprobs, timeout=limits.request_timeout_seconds)

@@ -8,8 +8,9 @@ what is allowed, before any stage writes or deletes a file.
 
 from __future__ import annotations
 
-from .errors import OpenLLMError
-from .sampling import MAX_NEW_TOKENS, MAX_TEMPERATURE
+# Longer than the ~400 lines the project aims for, on purpose: one flat list of typed sections,
+# each field with its bounds and description beside it, in params.yaml's order; split by section,
+# it would scatter what a reader of params.yaml looks up in one place.
 
 import hashlib
 import json
@@ -21,8 +22,10 @@ import regex
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .errors import OpenLLMError
 # Output paths live in openllm.paths; these names stay importable from here.
-from .paths import CHECKPOINTS_DIR, EXPORT_DIR, METRICS_DIR, RAW_DIR, TOKENIZED_DIR  # noqa: E402,F401
+from .paths import CHECKPOINTS_DIR, EXPORT_DIR, METRICS_DIR, RAW_DIR, TOKENIZED_DIR  # noqa: F401
+from .sampling import Sampling
 
 MAX_SEED = 2**32 - 1  # every seed fits numpy's and torch's generators
 
@@ -228,14 +231,6 @@ class TrainConfig(Section):
         return self
 
 
-class SamplingConfig(Section):
-    temperature: float = Field(0.8, ge=0, le=MAX_TEMPERATURE, description="0 = greedy")
-    top_k: int = Field(50, ge=0, description="0 = off")
-    top_p: float = Field(0.95, gt=0, le=1, description="1 = off")
-    max_new_tokens: int = Field(64, gt=0, le=MAX_NEW_TOKENS, description="tokens generated per prompt")
-    seed: int = Field(0, ge=0, le=MAX_SEED, description="same seed, same text")
-
-
 class EvaluateConfig(Section):
     batch_size: int = Field(8, gt=0, description="windows per forward pass")
     max_tokens: int | None = Field(
@@ -248,13 +243,15 @@ class EvaluateConfig(Section):
         ["ROMEO:\n", "To be, or not to be", "KING HENRY V:\nOnce more"], min_length=1,
         description="prompts continued in the samples of every checkpoint"
     )
-    sampling: SamplingConfig = SamplingConfig()
+    sampling: Sampling = Sampling()  # also each export's default sampling
 
     @model_validator(mode="after")
     def _prompts_not_empty(self) -> "EvaluateConfig":
         for i, prompt in enumerate(self.prompts):
             if not prompt.strip():
                 raise ValueError(f"evaluate.prompts[{i}] is empty")
+        if self.sampling.seed is None:
+            raise ValueError("evaluate.sampling.seed is null: the samples of a checkpoint must repeat, give a number")
         return self
 
 

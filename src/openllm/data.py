@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from .config import DataConfig, HFSource
-from .fileio import atomic_dir, iter_documents, sha256_file, write_json  # noqa: F401 (iter_documents: re-exported)
+from .fileio import atomic_dir, sha256_file, write_json
 
 
 class DataError(OpenLLMError, ValueError):

@@ -22,7 +22,6 @@ from .errors import OpenLLMError
 from .fileio import read_json, write_json
 from .model import GPT
 from .device import resolve_device
-from .sampling import Sampling
 from .scoring import language_metrics, score_windows
 from .tokenizer import load_tokenizer
 from .torch_generate import generate_text
@@ -63,8 +62,8 @@ def score_text(checkpoint_dir: Path, text: str) -> dict[str, float]:
 
 def write_samples(model: GPT, tokenizer, cfg: EvaluateConfig, step: int, path: Path) -> str:
     """Greedy and seeded-sampling continuations of each prompt, as a markdown file."""
-    sampled = Sampling(**cfg.sampling.model_dump())
-    greedy = Sampling(**cfg.sampling.model_dump() | {"temperature": 0.0})
+    sampled = cfg.sampling
+    greedy = sampled.replace(temperature=0.0)
     parts = [f"# Samples from step {step}\n",
              f"Sampling: temperature {sampled.temperature}, top-k {sampled.top_k}, top-p {sampled.top_p}, "
              f"seed {sampled.seed}, {sampled.max_new_tokens} new tokens.\n"]

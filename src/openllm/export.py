@@ -40,7 +40,7 @@ import torch.nn as nn
 
 from . import checkpoint as ckpt
 from . import registry, tracking
-from .config import ExportConfig, MlflowConfig, SamplingConfig
+from .config import ExportConfig, MlflowConfig
 from .decode import left_pad
 from .errors import OpenLLMError
 from .fileio import atomic_dir, read_json, sha256_file, write_json
@@ -240,7 +240,7 @@ def export_checkpoint(
     checkpoint_dir: Path,
     out_dir: Path,
     cfg: ExportConfig,
-    sampling: SamplingConfig,
+    sampling: Sampling,
     mlflow_cfg: MlflowConfig | None,
     eval_tokens: np.ndarray | None = None,
     metrics_path: Path | None = None,
@@ -301,7 +301,7 @@ def reproducible(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_model_files(model: GPT, checkpoint_dir: Path, folder: Path, cfg: ExportConfig,
-                      sampling: SamplingConfig, evaluation: dict[str, Any]) -> ExportManifest:
+                      sampling: Sampling, evaluation: dict[str, Any]) -> ExportManifest:
     """ONNX model(s), tokenizer, manifest (config.json) and onnxruntime-genai configs into ``folder``."""
     c = model.config
     meta = ckpt.read_meta(checkpoint_dir)

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .config import SamplingConfig
+from .sampling import Sampling
 from .errors import OpenLLMError
 from .model import GPT, hf_weight_names
 from .tokenizer import BOS_ID, EOS_ID, UNK_ID
@@ -93,7 +93,7 @@ def write_tokenizer_files(tokenizer_path: Path, folder: Path, context_length: in
     (folder / "tokenizer_config.json").write_text(text, encoding="utf-8")
 
 
-def write_hf_folder(model: GPT, tokenizer_path: Path, folder: Path, sampling: SamplingConfig,
+def write_hf_folder(model: GPT, tokenizer_path: Path, folder: Path, sampling: Sampling,
                     card_facts: dict[str, Any]) -> None:
     """A ``LlamaForCausalLM`` folder: config, generation config, weights, tokenizer, model card."""
     import transformers
@@ -123,7 +123,7 @@ def write_hf_folder(model: GPT, tokenizer_path: Path, folder: Path, sampling: Sa
     (folder / "README.md").write_text(model_card(model, sampling, card_facts), encoding="utf-8")
 
 
-def model_card(model: GPT, sampling: SamplingConfig, facts: dict[str, Any]) -> str:
+def model_card(model: GPT, sampling: Sampling, facts: dict[str, Any]) -> str:
     """The folder's README.md: what the model is, how it was trained and scored, its limits."""
     c = model.config
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from . import checkpoint as ckpt
+from .paths import step_folder
 from .closure import code_sha256
 from .config import Params
 from .schedule import Schedule
@@ -68,11 +69,11 @@ class ResumePlan:
 
 
 def plan_resume(checkpoints_dir: Path, key: str, schedule: Schedule, steps: list[int]) -> ResumePlan:
-    kept = {s for s in steps if reusable(ckpt.step_folder(checkpoints_dir, s), key, schedule)}
+    kept = {s for s in steps if reusable(step_folder(checkpoints_dir, s), key, schedule)}
     missing = [s for s in steps if s not in kept]
     limit = missing[0] if missing else schedule.max_steps
     best: tuple[int, Path] | None = None
-    folders = [ckpt.step_folder(checkpoints_dir, s) for s in sorted(kept)]
+    folders = [step_folder(checkpoints_dir, s) for s in sorted(kept)]
     for folder in folders + [checkpoints_dir / ckpt.RESUME, checkpoints_dir / ckpt.DECAY_START]:
         meta = reusable(folder, key, schedule) if (folder / ckpt.STATE_JSON).is_file() else None
         if meta and meta.step <= limit and (best is None or meta.step > best[0]):
@@ -85,7 +86,7 @@ def plan_resume(checkpoints_dir: Path, key: str, schedule: Schedule, steps: list
 
 def tidy_checkpoints(checkpoints_dir: Path, steps: list[int], schedule: Schedule) -> None:
     """After a finished run: drop the rolling state and every folder the params do not list."""
-    keep = {ckpt.step_folder(checkpoints_dir, s).name for s in steps}
+    keep = {step_folder(checkpoints_dir, s).name for s in steps}
     if schedule.kind == "wsd" and 0 < schedule.decay_start < schedule.max_steps:
         keep.add(ckpt.DECAY_START)
     for path in checkpoints_dir.iterdir():

@@ -23,20 +23,21 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import onnxruntime as ort
 import regex
+from pydantic import ValidationError
 
 from .decode import DecodeBatch, Row, TextAssembler
 from .errors import OpenLLMError
 from .fileio import sha256_file
 from .manifest import MANIFEST_FILE, ExportManifest, ManifestError, read_manifest
 from .registry import PREFIX as REGISTRY_PREFIX
-from .sampling import Sampling
+from .sampling import Sampling, one_line
 from .scoring import language_metrics, score_windows
 from .tokenizer import load_tokenizer
 
@@ -222,9 +223,9 @@ class OnnxGenerator:
         """The model's default sampling (from the export) with ``overrides`` (None = keep)."""
         changes = {k: v for k, v in overrides.items() if v is not None}
         try:
-            return replace(self.default_sampling, **changes)
-        except (TypeError, ValueError) as exc:
-            raise GenerationError(str(exc)) from None
+            return self.default_sampling.replace(**changes)
+        except ValidationError as exc:
+            raise GenerationError(one_line(exc)) from None
 
     def generate(self, prompt: str, sampling: Sampling | None = None, stop: Sequence[str] = ()) -> GenerationResult:
         """Complete one prompt."""
@@ -314,7 +315,7 @@ class OnnxGenerator:
         started = time.perf_counter()
         keep = self.context_length - 1  # an over-long prompt keeps its end, leaving room for one token
         seeds = [None if sampling.seed is None else sampling.seed + i for i in range(len(prompts))]
-        rows = [self.new_row(p[-keep:], replace(sampling, seed=seed), stop, blocked)
+        rows = [self.new_row(p[-keep:], sampling.replace(seed=seed), stop, blocked)
                 for p, seed in zip(prompts, seeds)]
         batch = self.decode_batch()
         batch.add(rows)

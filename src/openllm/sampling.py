@@ -6,40 +6,42 @@ the PyTorch paths (training samples, evaluation) call it on ``logits.numpy()``.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 
-# The bounds of every sampling setting, here only: params.yaml's evaluate.sampling (openllm.config),
-# the app's controls and the runtime check against them. The HTTP server takes OpenAI's narrower
-# temperature range (0 to 2) at its edge.
+# The bounds of every sampling setting live in Sampling's fields, here only: params.yaml's
+# evaluate.sampling (openllm.config) is a Sampling, and the app's controls, the runtime and the
+# server check against it. The HTTP server takes OpenAI's narrower temperature range (0 to 2).
 MAX_TEMPERATURE = 5.0
 MAX_NEW_TOKENS = 4096
 
 
-@dataclass(frozen=True)
-class Sampling:
-    """How to pick tokens. ``temperature == 0`` means greedy (argmax)."""
+class Sampling(BaseModel):
+    """How to pick tokens: params.yaml's ``evaluate.sampling``, an export's defaults, a request's.
 
-    temperature: float = 0.8
-    top_k: int = 50  # 0 = no top-k cut
-    top_p: float = 0.95  # 1 = no nucleus cut
-    max_new_tokens: int = 64
-    seed: int | None = 0
+    Immutable and validated: a bad value raises pydantic's ``ValidationError`` (a ValueError;
+    :func:`one_line` words it for people). :meth:`replace` gives a changed copy, validated too.
+    """
 
-    def __post_init__(self) -> None:
-        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)):
-            raise ValueError(f"temperature={self.temperature!r} must be a finite number")
-        if not 0 <= self.temperature <= MAX_TEMPERATURE:
-            raise ValueError(f"temperature={self.temperature} must be between 0 and {MAX_TEMPERATURE:g}")
-        if not (isinstance(self.top_k, int) and self.top_k >= 0):
-            raise ValueError(f"top_k={self.top_k!r} must be a non-negative integer")
-        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
-            raise ValueError(f"top_p={self.top_p!r} must be in (0, 1]")
-        if not (isinstance(self.max_new_tokens, int) and 0 < self.max_new_tokens <= MAX_NEW_TOKENS):
-            raise ValueError(f"max_new_tokens={self.max_new_tokens!r} must be an integer from 1 to {MAX_NEW_TOKENS}")
+    model_config = ConfigDict(strict=True, frozen=True, extra="forbid", allow_inf_nan=False)
+
+    temperature: float = Field(0.8, ge=0, le=MAX_TEMPERATURE, description="0 = greedy")
+    top_k: int = Field(50, ge=0, description="0 = off")
+    top_p: float = Field(0.95, gt=0, le=1, description="1 = off")
+    max_new_tokens: int = Field(64, gt=0, le=MAX_NEW_TOKENS, description="tokens generated per prompt")
+    seed: int | None = Field(0, ge=0, description="same seed, same text (null: a fresh draw each time)")
+
+    def replace(self, **changes: Any) -> "Sampling":
+        """A copy with ``changes`` applied, validated like a new one."""
+        return Sampling(**{**self.model_dump(), **changes})
+
+
+def one_line(exc: ValidationError) -> str:
+    """``field=value: what is wrong`` for each error of a Sampling's ``exc``, joined by '; '."""
+    return "; ".join(f"{'.'.join(map(str, e['loc']))}={e['input']!r}: {e['msg']}" for e in exc.errors())
 
 
 def sample_next(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> np.ndarray:

@@ -39,10 +39,9 @@ from .errors import OpenLLMError, TrainingInterrupted
 from .fileio import read_json, write_json
 from .model import GPT, GPTConfig
 from .optim import build_optimizer
-from .paths import TRAIN_SUMMARY
+from .paths import TRAIN_SUMMARY, step_folder
 from .perf import fingerprint
 from .runlog import RunLogger
-from .sampling import Sampling
 from .resume import TRAIN_CODE_SHA256, ResumePlan, plan_resume, resume_key, tidy_checkpoints, weights_params_hash
 from .schedule import Schedule
 from .tokenizer import load_tokenizer, load_tokens
@@ -238,7 +237,7 @@ class Trainer:
     def _samples(self) -> str | None:
         if self.cfg.sample_tokens == 0:
             return None
-        settings = Sampling(**self.params.evaluate.sampling.model_dump() | {"max_new_tokens": self.cfg.sample_tokens})
+        settings = self.params.evaluate.sampling.replace(max_new_tokens=self.cfg.sample_tokens)
         tokenizer = load_tokenizer(self.tokenizer_path)
         self.model.eval()
         text = "\n\n".join(f"### {prompt!r}\n\n{prompt}{generate_text(self.model, tokenizer, prompt, settings)}"
@@ -303,6 +302,8 @@ class Trainer:
                 logger.step(p.step, loss, lr, grad_norm, p.tokens_seen, tokens_per_second, p.step == cfg.max_steps)
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_second:,.0f}")
                 bar.update(1)
+                if bar.disable and setup.is_main and p.step % math.ceil(cfg.max_steps / 20) == 0:  # 20 lines
+                    log.info("step %d/%d: loss %.3f, %.0f tokens/s", p.step, cfg.max_steps, loss, tokens_per_second)
                 is_checkpoint = p.step in cfg.checkpoint_steps
                 if is_checkpoint or p.step % cfg.eval_interval == 0:
                     self.evaluate(logger)
@@ -339,7 +340,7 @@ class Trainer:
     def _save_due(self, is_checkpoint: bool, stop: bool) -> None:
         step = self.state.progress.step
         if is_checkpoint and step not in self.plan.kept_steps:
-            self.save(ckpt.step_folder(self.checkpoints_dir, step))
+            self.save(step_folder(self.checkpoints_dir, step))
         if step == self.schedule.decay_start and self.schedule.kind == "wsd" and step < self.cfg.max_steps:
             self.save(self.checkpoints_dir / ckpt.DECAY_START)
         if step % self.cfg.resume_interval == 0 or stop:
@@ -358,7 +359,7 @@ class Trainer:
         }
         if self.setup.is_main:
             for step in cfg.checkpoint_steps:  # after early stopping, later steps hold the final weights
-                folder = ckpt.step_folder(self.checkpoints_dir, step)
+                folder = step_folder(self.checkpoints_dir, step)
                 if step > p.step and step not in self.plan.kept_steps:
                     self.save(folder, early_stopped=True)
             tidy_checkpoints(self.checkpoints_dir, cfg.checkpoint_steps, self.schedule)

@@ -15,7 +15,7 @@ from . import stage_main
 
 
 def run(args) -> None:
-    summary = train(load_params(args.params), TOKENIZED_DIR, CHECKPOINTS_DIR, METRICS_DIR, progress=True)
+    summary = train(load_params(args.params), TOKENIZED_DIR, CHECKPOINTS_DIR, METRICS_DIR, progress=sys.stderr.isatty())
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"trained {summary['steps']} steps ({summary['tokens_seen']:,} tokens), val loss "
               f"{summary['val_loss']:.4f}, {summary['train_tokens_per_second']:,.0f} tokens/s -> {CHECKPOINTS_DIR}")
