@@ -4,9 +4,8 @@
     python bench/genai.py --export models/export/step-2400   # an export of your own
 
 Without ``--export`` it builds the ``tiny`` shape with random weights (speed does not depend on
-the values) and a 4,096-piece tokenizer, exported by :func:`openllm.export.export_checkpoint`
-(fp32, int8 and the onnxruntime-genai configs). Each way generates greedily from one-token
-prompts until the context is full, for fp32 and int8:
+the values) and exports it: fp32, int8 and the onnxruntime-genai configs (bench/random_export.py).
+Each way generates greedily from one-token prompts until the context is full, for fp32 and int8:
 
 - ``openllm``: :class:`openllm.runtime.OnnxGenerator` (what ``openllm generate``, the server and
   the app run), sampling in numpy between onnxruntime calls;
@@ -27,38 +26,13 @@ from pathlib import Path
 
 import torch
 
-from openllm.checkpoint import CheckpointMeta, save_checkpoint
-from openllm.config import MODEL_PRESETS, ExportConfig, SamplingConfig, TokenizerConfig
-from openllm.data import shakespeare_documents
-from openllm.export import export_checkpoint
-from openllm.fileio import sha256_file, write_json
+from openllm.config import MODEL_PRESETS
+from openllm.fileio import write_json
 from openllm.genai import INT8_DIR, genai_greedy
-from openllm.model import GPT, GPTConfig
 from openllm.perf import cpu_name
 from openllm.runtime import OnnxGenerator
 from openllm.sampling import Sampling
-from openllm.tokenizer import train_tokenizer
-
-VOCAB = 4096
-
-
-def build_export(workdir: Path, preset: str) -> Path:
-    """A random model of ``preset``, saved as a checkpoint and exported with its genai configs."""
-    tokenizer = workdir / "tokenizer.model"
-    if not tokenizer.is_file():
-        plays, _ = shakespeare_documents()
-        train_tokenizer([text for _, text in plays[:6]], TokenizerConfig(vocab_size=VOCAB), tokenizer)
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=VOCAB, **MODEL_PRESETS[preset])).eval()
-    meta = CheckpointMeta(step=0, tokens_seen=0, train_loss=0.0, val_loss=0.0, parameters=model.num_parameters(),
-                          params_sha256="", resume_key="bench", learning_rates_sha256="", data_sha256="",
-                          tokenizer_sha256=sha256_file(tokenizer), bytes_per_token_val=0.0, threads=1,
-                          world_size=1, precision="fp32", compiled=False)
-    checkpoint = save_checkpoint(workdir / "checkpoints" / "step-0", model, tokenizer, meta=meta, replace=True)
-    out = workdir / "export" / "step-0"
-    config = ExportConfig(quantize=True, genai=True, huggingface=False, register_model=False)
-    export_checkpoint(checkpoint, out, config, SamplingConfig(), None)
-    return out
+from random_export import random_export
 
 
 def genai_batch(model, prompts: list[list[int]], max_length: int) -> int:
@@ -119,7 +93,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="openllm-bench-") as tmp:
-        export_dir = args.export or build_export(Path(tmp), args.preset)
+        export_dir = args.export or random_export(Path(tmp), args.preset)[1]
         figures = compare(export_dir, args.batches, args.repeats)
     write_json(args.out, {
         "model": str(args.export) if args.export else args.preset, "results": figures,

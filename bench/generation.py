@@ -2,12 +2,10 @@
 
     python bench/generation.py --out bench/results/generation.json
 
-Builds the default ``tiny`` shape with random weights (speed does not depend on the values),
-a 4,096-piece tokenizer trained on a slice of the built-in Shakespeare text, and exports it
-with :func:`openllm.export.export_checkpoint` (so the ONNX files are the ones users get, and
-their outputs are checked against PyTorch first). Then each way generates greedily from a
-one-token prompt until the context is full (255 new tokens for a 256-token context), for one
-prompt and for a batch of 8:
+Builds the default ``tiny`` shape with random weights and exports it (bench/random_export.py:
+speed does not depend on the values, and the ONNX files are the ones users get). Then each way
+generates greedily from a one-token prompt until the context is full (255 new tokens for a
+256-token context), for one prompt and for a batch of 8:
 
 - ``torch_no_cache``: every step runs the model over the whole sequence so far;
 - ``torch_kv_cache``: the model's KV cache through the decode loop of :mod:`openllm.decode` and
@@ -31,37 +29,15 @@ from pathlib import Path
 
 import torch
 
-from openllm.checkpoint import save_checkpoint
-from openllm.config import MODEL_PRESETS, ExportConfig, SamplingConfig, TokenizerConfig
-from openllm.data import shakespeare_documents
+from openllm.config import MODEL_PRESETS
 from openllm.decode import DecodeBatch, Row
-from openllm.export import export_checkpoint
 from openllm.fileio import write_json
-from openllm.model import GPT, GPTConfig
+from openllm.model import GPT
 from openllm.perf import cpu_name
 from openllm.runtime import OnnxGenerator
 from openllm.sampling import Sampling
-from openllm.tokenizer import train_tokenizer
 from openllm.torch_generate import torch_forward
-
-VOCAB = 4096
-
-
-def build_export(workdir: Path, preset: str) -> tuple[GPT, Path]:
-    """A random model of ``preset``, saved as a checkpoint and exported (fp32 + int8)."""
-    tokenizer = workdir / "tokenizer.model"
-    if not tokenizer.is_file():
-        plays, _ = shakespeare_documents()
-        train_tokenizer([text for _, text in plays[:6]], TokenizerConfig(vocab_size=VOCAB), tokenizer)
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=VOCAB, **MODEL_PRESETS[preset])).eval()
-    checkpoint = save_checkpoint(workdir / "checkpoints" / "step-0", model, tokenizer,
-                                 meta={"step": 0, "val_loss": None}, replace=True)
-    out = workdir / "export" / "step-0"
-    export_checkpoint(checkpoint, out, ExportConfig(quantize=True, huggingface=False, register_model=False),
-                      SamplingConfig(), None)
-    return model, out
-
+from random_export import VOCAB, random_export
 
 @torch.no_grad()
 def torch_no_cache(model: GPT, prompts: list[list[int]], n: int) -> tuple[int, float]:
@@ -119,7 +95,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="openllm-bench-") as tmp:
         workdir = args.workdir or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
-        model, export_dir = build_export(workdir, args.preset)
+        model, export_dir = random_export(workdir, args.preset)
         context = model.config.context_length
         prompt = [400]  # one ordinary token; the rest of the context is generated
         n = context - len(prompt)
