@@ -30,7 +30,8 @@ from openllm.schedule import Schedule
 from openllm.study import Cell, CellTrainer, ScoreConfig, ShapeConfig, StudyConfig, StudyError
 
 
-def main() -> None:
+def parse_args() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    """The command line, with the budget and the data folder checked."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=270.0)
     parser.add_argument("--data", type=Path, default=Path("data/tokenized"))
@@ -52,7 +53,11 @@ def main() -> None:
         parser.error(f"--seconds must be positive, got {args.seconds}")
     if not (args.data / "meta.json").is_file():
         parser.error(f"{args.data / 'meta.json'} not found: run `dvc repro tokenize` first (or pass --data)")
+    return parser, args
 
+
+def build_trainer(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[dict, CellTrainer]:
+    """The model shape (the preset with the command line's overrides) and its cell trainer."""
     shape = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in MODEL_PRESETS[args.preset].items()}
     if shape["n_embd"] % shape["n_head"]:
         parser.error(f"model shape: n_embd={shape['n_embd']} must be divisible by n_head={shape['n_head']}")
@@ -65,22 +70,34 @@ def main() -> None:
             min_lr_ratio=args.min_lr_ratio)
         cell = Cell(0, shape["n_layer"], shape["n_embd"], args.optimizer, args.learning_rate, args.schedule,
                     args.batch_size)
-        trainer = CellTrainer(study, cell, args.data, steps=10**9)  # the peak until the speed is known
+        return shape, CellTrainer(study, cell, args.data, steps=10**9)  # the peak until the speed is known
     except (pydantic.ValidationError, StudyError) as error:
         parser.error(str(error))
 
+
+def train_for(trainer: CellTrainer, seconds: float) -> float:
+    """Train until ``seconds`` have passed (compiling included); returns the seconds spent.
+
+    The schedule's length is fitted to the budget from the speed of 30 steps after warmup.
+    """
     started, progress, warmup = time.perf_counter(), trainer.state.progress, trainer.cfg.warmup_steps
     trainer.compile()
-    while time.perf_counter() - started < args.seconds:
+    while time.perf_counter() - started < seconds:
         if progress.step == warmup + 10:  # speed measured over 30 steps after warmup and compiling
             mark = time.perf_counter()
         if progress.step == warmup + 40:
             per_step = (time.perf_counter() - mark) / 30
-            planned = progress.step + int((args.seconds - (time.perf_counter() - started)) / per_step)
+            planned = progress.step + int((seconds - (time.perf_counter() - started)) / per_step)
             trainer.schedule = Schedule.from_config(trainer.cfg.model_copy(update={"max_steps": planned}))
         trainer.step()
-    train_seconds = time.perf_counter() - started
+    return time.perf_counter() - started
 
+
+def main() -> None:
+    parser, args = parse_args()
+    shape, trainer = build_trainer(parser, args)
+    train_seconds = train_for(trainer, args.seconds)
+    progress = trainer.state.progress
     scores = trainer.score(ScoreConfig())
     result = {
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "shape": shape,

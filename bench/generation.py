@@ -79,7 +79,7 @@ def measure(ways: dict, repeats: int) -> dict[str, dict[str, float]]:
     return rows
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("bench/results/generation.json"))
     parser.add_argument("--preset", default="tiny", choices=sorted(MODEL_PRESETS))
@@ -88,7 +88,52 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0,
                         help="threads for PyTorch and onnxruntime (0 = their default)")
     parser.add_argument("--workdir", type=Path, help="keep the tokenizer and exports here (default: a temp folder)")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def onnx_way(generator: OnnxGenerator, prompts: list[list[int]], greedy: Sampling):
+    """A run of ``generator`` over ``prompts``: (new tokens, seconds to the first one)."""
+    def run() -> tuple[int, float]:
+        results = generator.generate_tokens(prompts, greedy)
+        return sum(r.completion_tokens for r in results), results[0].time_to_first_token  # may stop at EOS
+    return run
+
+
+def compare_batch(model: GPT, onnx: dict[str, OnnxGenerator], batch: int, greedy: Sampling, repeats: int) -> dict:
+    """The four ways on ``batch`` one-token prompts: their rows and the ratios the README quotes."""
+    prompts = [[400 + i] for i in range(batch)]  # different prompts, same length
+    n = greedy.max_new_tokens
+    ways = {
+        "torch_no_cache": lambda: torch_no_cache(model, prompts, n),
+        "torch_kv_cache": lambda: torch_kv_cache(model, prompts, n),
+        "onnx_fp32": onnx_way(onnx["fp32"], prompts, greedy),
+        "onnx_int8": onnx_way(onnx["int8"], prompts, greedy),
+    }
+    rows = measure(ways, repeats)
+    base = rows["torch_no_cache"]["tokens_per_second"]
+    for row in rows.values():
+        row["speedup_vs_torch_no_cache"] = row["tokens_per_second"] / base
+    return {
+        "rows": rows,
+        "int8_vs_fp32": rows["onnx_int8"]["tokens_per_second"] / rows["onnx_fp32"]["tokens_per_second"],
+        "onnx_fp32_vs_torch_kv_cache":
+            rows["onnx_fp32"]["tokens_per_second"] / rows["torch_kv_cache"]["tokens_per_second"],
+        "onnx_fp32_vs_torch_no_cache": rows["onnx_fp32"]["speedup_vs_torch_no_cache"],
+    }
+
+
+def print_table(result: dict) -> None:
+    print(f"{result['preset']} model ({result['parameters']:,} parameters), {result['new_tokens']} new tokens "
+          "per prompt, greedy")
+    print(f"{'batch':>5} {'way':<16} {'tokens/s':>10} {'first ms':>9} {'vs no cache':>12}")
+    for batch, figures in result["batches"].items():
+        for name, row in figures["rows"].items():
+            print(f"{batch:>5} {name:<16} {row['tokens_per_second']:>10.1f} {row['first_token_ms']:>9.1f} "
+                  f"{row['speedup_vs_torch_no_cache']:>11.2f}x")
+
+
+def main() -> None:
+    args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -100,36 +145,9 @@ def main() -> None:
         prompt = [400]  # one ordinary token; the rest of the context is generated
         n = context - len(prompt)
         greedy = Sampling(temperature=0.0, top_k=0, top_p=1.0, max_new_tokens=n, seed=0)
-        fp32 = OnnxGenerator.load(export_dir, threads=args.threads)
-        int8 = OnnxGenerator.load(export_dir, quantized=True, threads=args.threads)
-
-        def onnx(generator: OnnxGenerator, prompts: list[list[int]]):
-            def run() -> tuple[int, float]:
-                results = generator.generate_tokens(prompts, greedy)
-                return sum(r.completion_tokens for r in results), results[0].time_to_first_token  # may stop at EOS
-            return run
-
-        batches = {}
-        for batch in args.batches:
-            prompts = [[400 + i] for i in range(batch)]  # different prompts, same length
-            ways = {
-                "torch_no_cache": lambda prompts=prompts: torch_no_cache(model, prompts, n),
-                "torch_kv_cache": lambda prompts=prompts: torch_kv_cache(model, prompts, n),
-                "onnx_fp32": onnx(fp32, prompts),
-                "onnx_int8": onnx(int8, prompts),
-            }
-            rows = measure(ways, args.repeats)
-            base = rows["torch_no_cache"]["tokens_per_second"]
-            for row in rows.values():
-                row["speedup_vs_torch_no_cache"] = row["tokens_per_second"] / base
-            batches[str(batch)] = {
-                "rows": rows,
-                "int8_vs_fp32": rows["onnx_int8"]["tokens_per_second"] / rows["onnx_fp32"]["tokens_per_second"],
-                "onnx_fp32_vs_torch_kv_cache":
-                    rows["onnx_fp32"]["tokens_per_second"] / rows["torch_kv_cache"]["tokens_per_second"],
-                "onnx_fp32_vs_torch_no_cache": rows["onnx_fp32"]["speedup_vs_torch_no_cache"],
-            }
-
+        onnx = {"fp32": OnnxGenerator.load(export_dir, threads=args.threads),
+                "int8": OnnxGenerator.load(export_dir, quantized=True, threads=args.threads)}
+        batches = {str(batch): compare_batch(model, onnx, batch, greedy, args.repeats) for batch in args.batches}
         result = {
             "preset": args.preset, "vocab_size": VOCAB, "context_length": context, "new_tokens": n,
             "prompt_tokens": len(prompt), "parameters": model.num_parameters(), "batches": batches,
@@ -139,12 +157,7 @@ def main() -> None:
             "date": time.strftime("%Y-%m-%d"),
         }
 
-    print(f"{args.preset} model ({result['parameters']:,} parameters), {n} new tokens per prompt, greedy")
-    print(f"{'batch':>5} {'way':<16} {'tokens/s':>10} {'first ms':>9} {'vs no cache':>12}")
-    for batch, figures in batches.items():
-        for name, row in figures["rows"].items():
-            print(f"{batch:>5} {name:<16} {row['tokens_per_second']:>10.1f} {row['first_token_ms']:>9.1f} "
-                  f"{row['speedup_vs_torch_no_cache']:>11.2f}x")
+    print_table(result)
     write_json(args.out, result, sort_keys=False)  # keep the order the report prints
 
 

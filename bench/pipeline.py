@@ -67,7 +67,7 @@ def repro(repo: Path, env: dict[str, str]) -> tuple[float, dict[str, float]]:
     return finished - started, stages
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("bench/results/pipeline.json"))
     where = parser.add_mutually_exclusive_group()
@@ -75,38 +75,56 @@ def main() -> None:
     where.add_argument("--here", action="store_true",
                        help="run in this repository itself, which must have no pipeline outputs and no DVC cache "
                             "yet (as after a fresh clone); its outputs and dvc.lock stay, as after `make run`")
-    args = parser.parse_args()
+    return parser.parse_args()
 
+
+def prepare_repo(args: argparse.Namespace) -> tuple[Path | None, Path]:
+    """The work folder (None with ``--here``) and the repository to run in: a fresh copy, or this one."""
     if args.here:
-        work, repo = None, ROOT
         # With outputs, or a cache DVC could restore them from, stages would be skipped, not timed.
-        if (repo / "data" / "raw").exists() or (repo / ".dvc" / "cache").exists():
+        if (ROOT / "data" / "raw").exists() or (ROOT / ".dvc" / "cache").exists():
             raise SystemExit("--here needs a clean state: `make clean` and remove .dvc/cache first")
-    else:
-        work = args.keep or Path(tempfile.mkdtemp(prefix="openllm-bench-pipeline-"))
-        repo = work / "repo"
-        if repo.exists():
-            shutil.rmtree(repo)
-        repo.mkdir(parents=True)
-        copy_project(repo)
+        return None, ROOT
+    work = args.keep or Path(tempfile.mkdtemp(prefix="openllm-bench-pipeline-"))
+    repo = work / "repo"
+    if repo.exists():
+        shutil.rmtree(repo)
+    repo.mkdir(parents=True)
+    copy_project(repo)
+    return work, repo
+
+
+def repro_env(repo: Path) -> dict[str, str]:
+    """This venv first on PATH, the repository's own code and MLflow store, a cold compile cache."""
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                DVC_NO_ANALYTICS="1", MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true",
                PYTHONPATH=str(repo / "src"), TQDM_DISABLE="1")
     env.pop("MLFLOW_TRACKING_URI", None)  # the copy's own store
     # A cold torch.compile, as on a fresh machine: no kernels cached by earlier runs.
     env["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="openllm-bench-inductor-")
-    if not args.here:
-        for command in (["git", "init", "-q"], ["git", "add", "-A"],
-                        ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost", "commit", "-qm", "bench"]):
-            subprocess.run(command, cwd=repo, env=env, check=True)
+    return env
 
+
+def commit_copy(repo: Path, env: dict[str, str]) -> None:
+    """Make the copy a git repository of its own (DVC needs one)."""
+    for command in (["git", "init", "-q"], ["git", "add", "-A"],
+                    ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost", "commit", "-qm", "bench"]):
+        subprocess.run(command, cwd=repo, env=env, check=True)
+
+
+def end_to_end(repo: Path, env: dict[str, str]) -> dict:
+    """Seconds of the clean `dvc repro`, of each of its stages and of a second, no-op one."""
     print(f"dvc repro from a clean state in {repo}", flush=True)
     clean_seconds, stages = repro(repo, env)
     started = time.perf_counter()
     noop = subprocess.run(["dvc", "repro"], cwd=repo, env=env, capture_output=True, text=True, check=True)
     noop_seconds = time.perf_counter() - started
     assert "Running stage" not in noop.stdout, noop.stdout
+    return {"clean_repro_seconds": clean_seconds, "noop_repro_seconds": noop_seconds, "stage_seconds": stages}
 
+
+def quality(repo: Path) -> dict:
+    """The last checkpoint's figures against the character-level baseline trained for the same time."""
     train = json.loads((repo / "metrics" / "train.json").read_text())
     vocab_size = json.loads((repo / "data" / "tokenized" / "meta.json").read_text())["vocab_size"]
     evaluations = sorted((repo / "metrics" / "evaluate").glob("step-*.json"),
@@ -115,31 +133,47 @@ def main() -> None:
 
     print(f"character-level baseline: training for {train['wall_seconds']:.0f} s (the train stage's time)", flush=True)
     baseline = train_and_score(train["wall_seconds"], repo / "data" / "raw")
+    return {
+        "openllm": {"preset": load_params(repo / "params.yaml").model.preset, "optimizer": train["optimizer"],
+                    "compiled": train["compiled"],
+                    "steps": train["steps"], "vocab_size": vocab_size, "parameters": train["parameters"],
+                    "train_seconds": train["wall_seconds"], "tokens_per_second": train["tokens_per_second"],
+                    "checkpoint": final["step"], "val_bits_per_byte": final["val_bits_per_byte"],
+                    "val_loss": final["val_loss"]},
+        "char_baseline": baseline,
+        "bits_per_byte_reduction": 1 - final["val_bits_per_byte"] / baseline["val_bits_per_byte"],
+    }
 
+
+def int8_figures(repo: Path, step: int) -> dict | None:
+    """The int8 model's speed and quality against fp32, from the export of ``step`` (None: no int8 model)."""
+    export_json = repo / "models" / "export" / f"step-{step}" / "export.json"
+    if not (export_json.is_file() and "int8" in (exported := json.loads(export_json.read_text()))):
+        return None
+    i = exported["int8"]
+    return {"decode_speedup": i["decode_speedup"], "bits_per_byte_change": i["bits_per_byte_change"],
+            "relative_change": i["bits_per_byte_change"] / i["bits_per_byte_fp32"],
+            "perplexity_change_percent": i["perplexity_change_percent"]}
+
+
+def main() -> None:
+    args = parse_args()
+    work, repo = prepare_repo(args)
+    env = repro_env(repo)
+    if not args.here:
+        commit_copy(repo, env)
+    timings = end_to_end(repo, env)
+    scores = quality(repo)
     result = {
         "machine": {"platform": platform.platform(), "processor": cpu_name(),
                     "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
         "date": time.strftime("%Y-%m-%d"),
-        "end_to_end": {"clean_repro_seconds": clean_seconds, "noop_repro_seconds": noop_seconds,
-                       "stage_seconds": stages},
-        "quality": {
-            "openllm": {"preset": load_params(repo / "params.yaml").model.preset, "optimizer": train["optimizer"],
-                        "compiled": train["compiled"],
-                        "steps": train["steps"], "vocab_size": vocab_size, "parameters": train["parameters"],
-                        "train_seconds": train["wall_seconds"], "tokens_per_second": train["tokens_per_second"],
-                        "checkpoint": final["step"], "val_bits_per_byte": final["val_bits_per_byte"],
-                        "val_loss": final["val_loss"]},
-            "char_baseline": baseline,
-            "bits_per_byte_reduction": 1 - final["val_bits_per_byte"] / baseline["val_bits_per_byte"],
-        },
+        "end_to_end": timings,
+        "quality": scores,
     }
-    export_json = repo / "models" / "export" / f"step-{final['step']}" / "export.json"
-    if export_json.is_file() and "int8" in (exported := json.loads(export_json.read_text())):
-        i = exported["int8"]
-        result["int8"] = {"decode_speedup": i["decode_speedup"], "bits_per_byte_change": i["bits_per_byte_change"],
-                          "relative_change": i["bits_per_byte_change"] / i["bits_per_byte_fp32"],
-                          "perplexity_change_percent": i["perplexity_change_percent"]}
+    if (int8 := int8_figures(repo, scores["openllm"]["checkpoint"])) is not None:
+        result["int8"] = int8
     write_json(args.out, result, sort_keys=False)  # keep the order the report prints
     print(json.dumps(result["end_to_end"] | {"quality": result["quality"]["bits_per_byte_reduction"]}, indent=2))
     shutil.rmtree(env["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
