@@ -27,6 +27,7 @@ checkpoint's MLflow training run as a text-generation model and registered (:mod
 from __future__ import annotations
 
 import math
+import logging
 import shutil
 import time
 from importlib.metadata import version
@@ -46,7 +47,7 @@ from .errors import OpenLLMError
 from .fileio import atomic_dir, read_json, sha256_file, write_json
 from .inspection import ATTENTION_FILE, export_attention_onnx
 from .genai import check_genai_folders, move_int8, write_genai_folders
-from .huggingface import HF_DIR, check_hf_folder, write_hf_folder
+from .huggingface import HF_DIR, check_hf_folder, hf_unsupported, write_hf_folder
 from .manifest import EVALUATION_KEYS, ExportManifest
 from .model import GPT
 from .onnx_export import export_program
@@ -55,6 +56,7 @@ from .sampling import Sampling
 from .tokenizer import BOS_ID, EOS_ID, UNK_ID, load_tokenizer
 from .torch_generate import generate_ids
 
+log = logging.getLogger("openllm.export")
 MODEL_FILE, INT8_FILE, EXPORT_JSON = "model.onnx", "model.int8.onnx", "export.json"
 MAX_ABS_DIFF = 1e-4  # fp32 ONNX vs PyTorch logits
 DECODE_STEPS, GREEDY_TOKENS = 16, 64
@@ -273,7 +275,10 @@ def export_checkpoint(
             report["int8"] = compare_int8(fp32, int8, eval_tokens, prompt_ids)
         if cfg.genai:
             report["genai"] = check_genai_folders(tmp, prompt_ids)
-        if cfg.huggingface:
+        if cfg.huggingface and (skip := hf_unsupported(model.config)):
+            log.warning("export.huggingface skipped: %s", skip)
+            report["huggingface"] = {"skipped": skip}
+        elif cfg.huggingface:
             write_hf_folder(model, checkpoint_dir / ckpt.TOKENIZER, tmp / HF_DIR, sampling, manifest.figures())
             report["huggingface"] = check_hf_folder(tmp / HF_DIR, model, tokenizer, [FALLBACK_TEXT, *TOKENIZER_PROBES])
         report["files"] = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*"))

@@ -23,6 +23,15 @@ from .model import GPT, hf_weight_names
 from .tokenizer import BOS_ID, EOS_ID, UNK_ID
 
 HF_DIR = "hf"
+
+
+def hf_unsupported(config) -> str | None:
+    """Why a model has no Llama equivalent (its research levers, by field), or None when it has one."""
+    levers = config.levers()
+    if not levers:
+        return None
+    named = ", ".join(f"model.{name}={value}" for name, value in levers.items())
+    return f"{named} has no LlamaForCausalLM equivalent"
 MAX_ABS_DIFF = 1e-4  # transformers vs our logits
 LICENSE = "gpl-3.0"  # the project's license (GPL-3.0-only), for the model card
 

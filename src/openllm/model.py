@@ -33,9 +33,14 @@ class GPTConfig:
     n_layer: int
     n_head: int
     n_embd: int
-    intermediate_size: int  # SwiGLU hidden width
+    intermediate_size: int  # MLP hidden width
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
+    # Research levers, off by default. Any of them on gives a model the Llama layout cannot
+    # represent (see ``LEVER_DEFAULTS``): the ONNX export still works, the Hugging Face one is skipped.
+    qk_norm: bool = False  # RMSNorm on each head's query and key, before the rotary embedding
+    logit_softcap: float | None = None  # logits -> cap * tanh(logits / cap)
+    mlp: str = "swiglu"  # "swiglu" or "relu2" (down(relu(up(x))^2), no gate)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "context_length", "n_layer", "n_head", "n_embd", "intermediate_size"):
@@ -46,6 +51,13 @@ class GPTConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"{name}={value!r} must be a positive number")
+        if not isinstance(self.qk_norm, bool):
+            raise ValueError(f"qk_norm={self.qk_norm!r} must be true or false")
+        if self.logit_softcap is not None and (isinstance(self.logit_softcap, bool) or not
+                                               isinstance(self.logit_softcap, (int, float)) or not self.logit_softcap > 0):
+            raise ValueError(f"logit_softcap={self.logit_softcap!r} must be a positive number or null")
+        if self.mlp not in MLP_KINDS:
+            raise ValueError(f"mlp={self.mlp!r} must be one of {list(MLP_KINDS)}")
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         if self.head_dim % 2 != 0:
@@ -58,9 +70,17 @@ class GPTConfig:
         """Width D of one attention head."""
         return self.n_embd // self.n_head
 
+    def levers(self) -> dict[str, Any]:
+        """The research levers that differ from their defaults (empty for a Llama-layout model)."""
+        return {name: getattr(self, name) for name, default in LEVER_DEFAULTS.items() if getattr(self, name) != default}
+
     def to_dict(self) -> dict[str, Any]:
-        """Plain dict of all fields (round-trips through JSON)."""
-        return asdict(self)
+        """Plain dict of the fields (round-trips through JSON).
+
+        Levers at their defaults are left out, so a default model's config.json keeps the bytes it
+        had before the levers existed; ``from_dict`` fills them back in.
+        """
+        return {k: v for k, v in asdict(self).items() if k not in LEVER_DEFAULTS} | self.levers()
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GPTConfig:
@@ -74,6 +94,10 @@ class GPTConfig:
         if missing:
             raise ValueError(f"missing GPTConfig key(s) {missing}")
         return cls(**d)
+
+
+MLP_KINDS = ("swiglu", "relu2")
+LEVER_DEFAULTS: dict[str, Any] = {"qk_norm": False, "logit_softcap": None, "mlp": "swiglu"}
 
 
 def hf_weight_names(n_layer: int) -> dict[str, str]:
@@ -139,6 +163,10 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
         self.v_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
         self.o_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        if cfg.qk_norm:  # created only when on, so a default model's weights and init are unchanged
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+        self.qk_norm = cfg.qk_norm
 
     def forward(
         self,
@@ -154,6 +182,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         if past is not None:  # append the new positions to the cache: (B, H, S, D)
@@ -172,15 +202,19 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)); or with ``mlp: relu2``, down(relu(up(x))^2)."""
 
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=False)
+        self.relu2 = cfg.mlp == "relu2"
+        if not self.relu2:
+            self.gate_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.relu2:
+            return self.down_proj(F.relu(self.up_proj(x)).square())  # (B, T, C)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # (B, T, C)
 
 
@@ -297,6 +331,9 @@ class GPT(nn.Module):
             attentions.append(probs)
 
         logits = self.lm_head(self.norm(x)).float()  # (B, T, V)
+        cap = self.config.logit_softcap
+        if cap is not None:  # smoothly bounded to (-cap, cap)
+            logits = cap * torch.tanh(logits / cap)
         if return_attention:
             return logits, (presents if use_cache else None), attentions
         return logits, (presents if use_cache else None)

@@ -35,6 +35,7 @@ from . import checkpoint as ckpt
 from . import tracking
 from .config import Params
 from .device import DeviceSetup, compile_model, resolve_device
+from .ema import WeightAverage
 from .errors import OpenLLMError, TrainingInterrupted
 from .fileio import read_json, write_json
 from .model import GPT, GPTConfig
@@ -73,19 +74,22 @@ class Progress:
 class TrainingState:
     """Everything besides the weights that a resumed run needs, saved and restored as one."""
 
-    def __init__(self, optimizer, sampler: WindowSampler):
-        self.optimizer, self.sampler, self.progress = optimizer, sampler, Progress()
+    def __init__(self, optimizer, sampler: WindowSampler, ema: WeightAverage | None = None):
+        self.optimizer, self.sampler, self.progress, self.ema = optimizer, sampler, Progress(), ema
 
     def state_dict(self) -> dict[str, Any]:
-        return {"progress": asdict(self.progress), "optimizer": self.optimizer.state_dict(),
-                "sampler": self.sampler.generator.get_state(), "rng": _capture_rng(),
-                "threads": torch.get_num_threads()}
+        state = {"progress": asdict(self.progress), "optimizer": self.optimizer.state_dict(),
+                 "sampler": self.sampler.generator.get_state(), "rng": _capture_rng(),
+                 "threads": torch.get_num_threads()}
+        return state | ({"ema": self.ema.state_dict()} if self.ema is not None else {})
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
         self.progress = Progress(**saved["progress"])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.sampler.generator.set_state(saved["sampler"])
         _restore_rng(saved["rng"])
+        if self.ema is not None:
+            self.ema.load_state_dict(saved["ema"])
         if saved["threads"] != torch.get_num_threads():
             log.warning("resuming with %d threads, the state was saved with %d: results may differ "
                         "in the last bits", torch.get_num_threads(), saved["threads"])
@@ -157,6 +161,8 @@ class Trainer:
             raise TrainingError(f"{meta_path} not found: run the tokenize stage first")
         self.data_meta = read_json(meta_path)
         self.model_config = GPTConfig(vocab_size=self.data_meta["vocab_size"], rope_theta=params.model.rope_theta,
+                                      qk_norm=params.model.qk_norm, logit_softcap=params.model.logit_softcap,
+                                      mlp=params.model.mlp,
                                       **params.model.resolved())
         self.context = self.model_config.context_length
         self.train_tokens = load_tokens(tokenized_dir, "train")
@@ -188,7 +194,7 @@ class Trainer:
     def _build(self) -> None:
         cfg, setup = self.cfg, self.setup
         torch.manual_seed(cfg.seed)
-        self.sampler = WindowSampler(self.train_tokens, self.context, cfg.seed)
+        self.sampler = WindowSampler(self.train_tokens, self.context, cfg.seed, cfg.window_start)
         resume_from = self.plan.resume_from
         if resume_from is not None:
             self.model = ckpt.load_model(resume_from, setup.device, verify=False)
@@ -198,7 +204,8 @@ class Trainer:
         self.model.gradient_checkpointing = cfg.gradient_checkpointing
         optimizer = build_optimizer(self.model, cfg.optimizer, cfg.learning_rate, cfg.weight_decay,
                                     (cfg.beta1, cfg.beta2))
-        self.state = TrainingState(optimizer, self.sampler)
+        ema = WeightAverage(self.model, cfg.ema_decay) if cfg.ema_decay is not None else None
+        self.state = TrainingState(optimizer, self.sampler, ema)
         if resume_from is not None:
             self.state.load_state_dict(ckpt.load_training_state(resume_from))
             log.info("resuming from %s (step %d)", resume_from, self.state.progress.step)
@@ -220,19 +227,27 @@ class Trainer:
             bytes_per_token_val=self.data_meta["bytes_per_token"]["val"], threads=torch.get_num_threads(),
             world_size=self.setup.world_size, precision=self.setup.precision_name, compiled=self.setup.compile,
             early_stopped=early_stopped)
-        ckpt.save_checkpoint(folder, self.model, self.tokenizer_path, meta, self.state.state_dict(), replace=True)
+        state = self.state.state_dict()  # before the average stands in: it holds the live weights
+        with self._averaged():
+            ckpt.save_checkpoint(folder, self.model, self.tokenizer_path, meta, state, replace=True)
+
+    def _averaged(self) -> contextlib.AbstractContextManager:
+        """The weight average in the model (``train.ema_decay``), else the weights as trained."""
+        return self.state.ema.applied() if self.state.ema is not None else contextlib.nullcontext()
 
     def evaluate(self, logger: RunLogger) -> None:
         """Validation loss on fixed windows (the same whatever the process count) and samples."""
         cfg, p = self.cfg, self.state.progress
         batches = cfg.eval_batches * self.setup.world_size * cfg.gradient_accumulation_steps
-        p.last_val_loss = validation_loss(self.model, self.val_tokens, self.context, batches, self.micro_batch,
-                                          self.setup)
+        with self._averaged():
+            p.last_val_loss = validation_loss(self.model, self.val_tokens, self.context, batches, self.micro_batch,
+                                              self.setup)
+            samples = self._samples() if logger.enabled else None
         improved = p.last_val_loss < p.best_val_loss - 1e-4
         p.best_val_loss = min(p.best_val_loss, p.last_val_loss)
         p.evals_without_improvement = 0 if improved else p.evals_without_improvement + 1
         if logger.enabled:
-            logger.evaluation(p.step, p.last_val_loss, self._samples())
+            logger.evaluation(p.step, p.last_val_loss, samples)
 
     def _samples(self) -> str | None:
         if self.cfg.sample_tokens == 0:
@@ -298,6 +313,8 @@ class Trainer:
                 p.step += 1
                 p.tokens_seen += tokens_per_step
                 self._check_finite(loss)
+                if self.state.ema is not None and math.isfinite(loss):
+                    self.state.ema.update(p.step)
                 tokens_per_second = tokens_per_step / (time.perf_counter() - step_started)
                 logger.step(p.step, loss, lr, grad_norm, p.tokens_seen, tokens_per_second, p.step == cfg.max_steps)
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_second:,.0f}")

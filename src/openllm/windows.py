@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from .device import DeviceSetup
 from .errors import OpenLLMError
+from .tokenizer import EOS_ID
 
 
 class DataTooShortError(OpenLLMError):
@@ -27,19 +28,35 @@ def check_length(tokens: np.ndarray, context: int, split: str) -> None:
 
 
 class WindowSampler:
-    """Draws random windows of ``context + 1`` tokens; its generator state is the data position."""
+    """Draws random windows of ``context + 1`` tokens; its generator state is the data position.
 
-    def __init__(self, tokens: np.ndarray, context: int, seed: int):
+    ``start="random"`` lets a window start at any token; ``start="document"`` only at the first
+    token of a document: position 0 and every position after the end-of-text id the tokenizer
+    appends to each document (``train.window_start``).
+    """
+
+    def __init__(self, tokens: np.ndarray, context: int, seed: int, start: str = "random"):
         check_length(tokens, context, "training")
         self.tokens, self.context = tokens, context
         self.generator = torch.Generator().manual_seed(seed)
+        self.document_starts = document_starts(tokens, context) if start == "document" else None
 
     def next_starts(self, batch: int) -> torch.Tensor:
+        if self.document_starts is not None:
+            picks = torch.randint(0, len(self.document_starts), (batch,), generator=self.generator)
+            return self.document_starts[picks]
         return torch.randint(0, len(self.tokens) - self.context - 1, (batch,), generator=self.generator)
 
     def batch(self, starts: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and next-token targets, each ``(B, T)``."""
         return window_batch(self.tokens, self.context, starts, device)
+
+
+def document_starts(tokens: np.ndarray, context: int) -> torch.Tensor:
+    """Positions that begin a document and leave room for a whole window after them."""
+    last = len(tokens) - context - 1  # the random sampler's bound: starts in [0, last)
+    starts = np.concatenate(([0], np.flatnonzero(np.asarray(tokens[:last]) == EOS_ID) + 1))
+    return torch.from_numpy(starts[starts < last].astype(np.int64))  # never empty: check_length left 0
 
 
 def window_batch(tokens: np.ndarray, context: int, starts: torch.Tensor,
