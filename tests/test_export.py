@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from helpers import TINY_DOCS, run_openllm
 from openllm.checkpoint import CheckpointError, load_model
 from openllm.config import ExportConfig
 from openllm.errors import OpenLLMError
-from openllm.export import ExportError, export_checkpoint
+from openllm.export import ExportError, check_onnx, export_checkpoint
 from openllm.manifest import ExportManifest
 from openllm.fileio import read_json, sha256_file, write_json
 from openllm.runtime import ModelLoadError, OnnxGenerator, input_names, output_names
@@ -188,8 +189,20 @@ def test_missing_or_corrupt_checkpoint_writes_nothing(checkpoint: Path, tmp_path
     assert not out.exists() and not list((tmp_path / "export").glob(".*"))  # no temp folders left
 
 
-def test_export_error_is_an_openllm_error() -> None:
-    assert issubclass(ExportError, OpenLLMError)
+def test_an_onnx_file_off_the_interface_is_refused_naming_the_file(export_dir: Path, tmp_path: Path) -> None:
+    path = export_dir / "model.onnx"
+    n_layer = read_json(export_dir / "config.json")["n_layer"]
+    opset = max(o.version for o in onnx.load(str(path), load_external_data=False).opset_import if o.domain in ("", "ai.onnx"))
+    check_onnx(path, n_layer, opset)  # the export's own file passes
+    # An OpenLLMError, so that the command line prints its one line instead of a traceback.
+    with pytest.raises(OpenLLMError, match=f"opset {opset} is below the requested {opset + 1}"):
+        check_onnx(path, n_layer, opset + 1)
+    with pytest.raises(ExportError, match=r"model.onnx: unexpected input/output names"):
+        check_onnx(path, n_layer + 1, opset)
+    garbage = tmp_path / "model.onnx"
+    garbage.write_bytes(b"not a model")
+    with pytest.raises(ExportError, match=re.escape(f"{garbage}: the ONNX checker rejects it")):
+        check_onnx(garbage, n_layer, opset)
 
 
 def test_unigram_tokenizer_names_the_switches_that_need_bpe(tmp_path: Path) -> None:
