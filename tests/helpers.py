@@ -131,3 +131,19 @@ def wait_until(what: str, check: Callable[[], Any], timeout: float, diagnose: Ca
             pass
         time.sleep(0.5)
     pytest.fail(f"no {what} within {timeout:.0f} s\n{diagnose()}")
+
+
+def prefect_server(folder: Path, port: int, **extra: str) -> tuple[list[str], dict[str, str]]:
+    """The command and environment settings of a ``prefect server`` on 127.0.0.1:``port``, for it
+    and its clients: its home and SQLite database in ``folder``, no UI, no analytics, the
+    scheduler every 5 s, plus ``extra``. The API is at ``settings["PREFECT_API_URL"]``."""
+    command = [str(VENV_BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    settings = dict(
+        PREFECT_HOME=str(folder / "home"),
+        PREFECT_SERVER_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{folder / 'prefect.db'}",
+        PREFECT_UI_ENABLED="false",
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="5",
+        PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
+    )
+    return command, settings | extra

@@ -21,7 +21,7 @@ import httpx
 import pytest
 import yaml
 
-from helpers import (REPO_ROOT, TINY_PIPELINE, VENV_BIN, corpus_text, deep_merge, free_port, snapshot_tree,
+from helpers import (REPO_ROOT, TINY_PIPELINE, corpus_text, deep_merge, free_port, prefect_server, snapshot_tree,
                      subprocess_env, wait_until, write_params)
 
 if str(REPO_ROOT) not in sys.path:
@@ -253,17 +253,9 @@ def stop(process: subprocess.Popen) -> None:
 def test_served_deployment_runs_on_schedule_and_survives_a_restart(repo, tmp_path):
     # The data did not change: every scheduled check completes quickly without retraining.
     write_source_record(repo, source_fingerprint(repo, load_sections(repo, "data").data))
-    port = free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    env = subprocess_env(
-        PREFECT_HOME=str(tmp_path / "prefect"),
-        PREFECT_SERVER_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{tmp_path / 'prefect.db'}",
-        PREFECT_UI_ENABLED="false",
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="5",
-        PREFECT_RUNNER_POLL_FREQUENCY="2",
-        PREFECT_API_URL=api,
-    )
+    server_command, settings = prefect_server(tmp_path, free_port(), PREFECT_RUNNER_POLL_FREQUENCY="2")
+    api = settings["PREFECT_API_URL"]
+    env = subprocess_env(**settings)
     logs = {name: tmp_path / f"{name}.log" for name in ("server", "serve")}
 
     def start(name: str, command: list[str]) -> subprocess.Popen:
@@ -275,7 +267,7 @@ def test_served_deployment_runs_on_schedule_and_survives_a_restart(repo, tmp_pat
         return "\n".join(f"--- {name}.log\n{path.read_text()[-3000:]}" for name, path in logs.items() if path.exists())
 
     serve_command = [sys.executable, "-m", "pipelines.serve", "--repo", str(repo), "--interval", "5", "--only", "data-check"]
-    server = start("server", [str(VENV_BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)])
+    server = start("server", server_command)
     serve = None
     try:
         with httpx.Client(base_url=api, timeout=10) as http:

@@ -20,7 +20,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # servicekit, beside this file
 
-from helpers import VENV_BIN, subprocess_env  # noqa: E402
+from helpers import prefect_server, subprocess_env  # noqa: E402
 from servicekit import (  # noqa: E402  (puts the repository root on sys.path, for ops/)
     PrefectApi, Service, TrackingServer, corpus_text, free_port, reachable_temp_dir, wait_until,
 )
@@ -53,22 +53,11 @@ def mlflow_server() -> TrackingServer:
 @pytest.fixture(scope="session")
 def prefect_api(tmp_path_factory) -> PrefectApi:
     home = tmp_path_factory.mktemp("prefect-server")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/api"
-    settings = dict(
-        PREFECT_HOME=str(home / "home"),
-        PREFECT_SERVER_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home / 'prefect.db'}",
-        PREFECT_UI_ENABLED="false",
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="5",
-        PREFECT_WORKER_QUERY_SECONDS="2",
-        PREFECT_WORKER_HEARTBEAT_SECONDS="5",
-        PREFECT_API_URL=url,
-        PYTHONUNBUFFERED="1",
-    )
+    command, settings = prefect_server(home, free_port(), PREFECT_WORKER_QUERY_SECONDS="2",
+                                       PREFECT_WORKER_HEARTBEAT_SECONDS="5", PYTHONUNBUFFERED="1")
+    url = settings["PREFECT_API_URL"]
     service = Service("prefect server", home / "server.log")
-    service.start([str(VENV_BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                  subprocess_env(**settings))
+    service.start(command, subprocess_env(**settings))
     try:
         wait_until("Prefect server", lambda: httpx.get(f"{url}/health").status_code == 200, 120, service.tail)
         yield PrefectApi(url, settings, home, service)
