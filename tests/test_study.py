@@ -19,7 +19,7 @@ from openllm.closure import closure, imported_modules
 from openllm.model import GPT
 from openllm.fileio import write_json
 from openllm.study import (Cell, StudyError, budget_steps, collect_results, fit_power_law, grid_cells, load_study,
-                           model_config, run_cell, study_fits, train_config)
+                           model_config, parse_levers, run_cell, study_fits, train_config)
 
 STUDY = REPO_ROOT / "studies" / "budget"
 
@@ -39,7 +39,7 @@ TINY_STUDY = {
     "min_lr_ratio": 0.1,
     "score": {"batch_size": 8, "max_tokens": 3000},
     "grid": {"tflops": [0.0004], "n_layer": [1], "n_embd": [16, 32], "optimizer": ["muon"],
-             "learning_rate": [0.004], "schedule": ["wsd"], "batch_size": [4]},
+             "learning_rate": [0.004], "schedule": ["wsd"], "batch_size": [4], "levers": []},
     "mlflow": {"experiment": "studies-test", "study": "tiny"},
 }
 
@@ -52,7 +52,8 @@ def write_study(path: Path, study: dict) -> Path:
 # --- settings and arithmetic ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name, vocab", [("params.yaml", 4096), ("params.gpu.yaml", 32000)])
+@pytest.mark.parametrize("name, vocab", [("params.yaml", 4096), ("params.gpu.yaml", 32000),
+                                         ("params.levers.yaml", 4096)])
 def test_shipped_grids_can_train_every_cell(name: str, vocab: int) -> None:
     study = load_study(STUDY / name)
     for cell in grid_cells(study.grid):
@@ -82,6 +83,12 @@ def test_budget_buys_whole_steps_within_the_budget() -> None:
     ({"model": {"context_length": 32, "head_dim": 15, "mlp_ratio": 2.0},
       "grid": {**TINY_STUDY["grid"], "n_embd": [30]}}, "(head size) must be even"),
     ({"gird": {}}, "gird="),
+    ({"grid": {k: v for k, v in TINY_STUDY["grid"].items() if k != "levers"}}, "grid.levers: Field required"),
+    ({"grid": {**TINY_STUDY["grid"], "levers": ["dropout=0.1"]}}, "unknown lever 'dropout'"),
+    ({"grid": {**TINY_STUDY["grid"], "levers": ["mlp=gelu"]}}, "'mlp=gelu': mlp='gelu'"),
+    ({"grid": {**TINY_STUDY["grid"], "levers": ["ema_decay=1"]}}, "'ema_decay=1': ema_decay=1"),
+    ({"grid": {**TINY_STUDY["grid"], "levers": ["qk_norm", "qk_norm"]}}, "lists a setting twice"),
+    ({"train": {"ema_decay": 0.9}}, "train.ema_decay is set per cell"),
 ])
 def test_bad_settings_fail_with_one_line_naming_the_field(tmp_path: Path, change: dict, message: str) -> None:
     path = write_study(tmp_path / "params.yaml", TINY_STUDY | change)
@@ -91,6 +98,25 @@ def test_bad_settings_fail_with_one_line_naming_the_field(tmp_path: Path, change
             config = model_config(study, cell, 400)
             train_config(study, cell, budget_steps(cell, GPT(config).estimate_flops_per_token(), 32))
     assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_levers_add_cells_and_leave_the_other_cells_as_they_were(tmp_path: Path) -> None:
+    plain = load_study(write_study(tmp_path / "plain.yaml", TINY_STUDY))
+    spec = "qk_norm+logit_softcap=15+mlp=relu2+ema_decay=0.999+window_start=document"
+    levers = load_study(write_study(tmp_path / "levers.yaml", TINY_STUDY | {
+        "grid": {**TINY_STUDY["grid"], "levers": ["qk_norm", spec]}}))
+    cells = grid_cells(levers.grid)
+    assert cells[:2] == grid_cells(plain.grid)  # the lever-free cells keep their names and values
+    assert [c.name for c in cells[2:]] == [f"0.0004-1-{w}-muon-0.004-wsd-4-{s}" for w in (16, 32) for s in ("qk_norm", spec)]
+    assert "levers" not in cells[0].to_dict() and cells[3].to_dict()["levers"] == spec
+    assert parse_levers(spec) == {"model": {"qk_norm": True, "logit_softcap": 15, "mlp": "relu2"},
+                                  "train": {"ema_decay": 0.999, "window_start": "document"}}
+    config = model_config(levers, cells[3], 400)
+    assert (config.qk_norm, config.logit_softcap, config.mlp) == (True, 15, "relu2")
+    assert model_config(levers, cells[0], 400) == model_config(plain, cells[0], 400)
+    train = train_config(levers, cells[3], 20)
+    assert (train.ema_decay, train.window_start) == (0.999, "document")
+    assert train_config(levers, cells[0], 20) == train_config(plain, cells[0], 20)
 
 
 def test_power_law_fits_a_power_law_and_nothing_else() -> None:
@@ -132,12 +158,17 @@ def test_a_cell_trains_the_same_on_a_rerun(tmp_path: Path) -> None:
     cell = grid_cells(study.grid)[0]
     (first, timings), (second, _) = (run_cell(study, cell, tmp_path / "data" / "tokenized") for _ in range(2))
     assert first == second and first["steps"] > 2 and not first["diverged"] and timings["train_seconds"] > 0
+    # every lever at once: its own result, also the same on a rerun
+    levers = Cell(**cell.to_dict(), levers="qk_norm+logit_softcap=15+mlp=relu2+ema_decay=0.9+window_start=document")
+    (third, _), (fourth, _) = (run_cell(study, levers, tmp_path / "data" / "tokenized") for _ in range(2))
+    assert third == fourth and third["cell"]["levers"] == levers.levers and third["model"]["mlp"] == "relu2"
+    assert third["val_bits_per_byte"] != first["val_bits_per_byte"] and third["parameters"] < first["parameters"]
 
 
-@pytest.mark.parametrize("stage", ["cell", "table"])
-def test_study_deps_equal_the_scripts_import_closure(stage: str) -> None:
+@pytest.mark.parametrize("stage, script", [("cell", "cell"), ("lever", "cell"), ("table", "table")])
+def test_study_deps_equal_the_scripts_import_closure(stage: str, script: str) -> None:
     spec = yaml.safe_load((STUDY / "dvc.yaml").read_text())["stages"][stage]
-    needed = {Path("../..") / path for module in imported_modules(STUDY / f"{stage}.py", stage)
+    needed = {Path("../..") / path for module in imported_modules(STUDY / f"{script}.py", script)
               for path in closure(module)}
     declared = {Path(d) for d in spec["deps"] if d.startswith("../../src/")}
     assert declared == needed, f"add {sorted(map(str, needed - declared))}; remove {sorted(map(str, declared - needed))}"
@@ -237,3 +268,14 @@ def test_study_pipeline_caches_each_cell(study_repo) -> None:
     assert children[third].data.metrics["train_seconds"] > 0
     artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
     assert {"table.md", "bpb_vs_parameters.png", "bpb_vs_compute.png"} <= artifacts
+
+    # 4. Levers add their own stages; every lever-free cell stays untouched.
+    results = {k: v for k, v in snapshot_tree(study_dir / "results" / "cells").items() if k.endswith(".json")}
+    write_study(study_dir / "params.yaml", study | {"grid": {**study["grid"], "n_embd": [16], "levers": ["qk_norm"]}})
+    output = run("dvc", "repro", "studies/budget/dvc.yaml")
+    lever = f"{first}-qk_norm"
+    assert ran_cells(output) == set() and f"Running stage 'studies/budget/dvc.yaml:lever@{lever}'" in output
+    assert {k: v for k, v in snapshot_tree(study_dir / "results" / "cells").items() if k in results} == results
+    result = json.loads((cells_dir / f"{lever}.json").read_text())
+    assert result["cell"]["levers"] == "qk_norm" and result["model"]["qk_norm"] is True
+    assert lever in (study_dir / "results" / "table.md").read_text()

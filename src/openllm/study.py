@@ -16,6 +16,7 @@ the first predicted once, bits per byte from :func:`~openllm.scoring.language_me
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -27,15 +28,18 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 
 from .config import ConfigError, ModelConfig, Section, TrainConfig
 from .fileio import read_json
 
 TERA = 1e12
 CELL_AXES = ("tflops", "n_layer", "n_embd", "optimizer", "learning_rate", "schedule", "batch_size")
+# The research levers a cell may set (grid.levers), by the params.yaml section that holds each.
+LEVER_SECTIONS = {"qk_norm": "model", "logit_softcap": "model", "mlp": "model", "ema_decay": "train",
+                  "window_start": "train"}
 GRID_LEVERS = {"max_steps", "checkpoint_steps", "optimizer", "learning_rate", "min_learning_rate", "schedule",
-               "batch_size"}  # set per cell, not in the shared train settings
+               "batch_size", "ema_decay", "window_start"}  # set per cell, not in the shared train settings
 
 
 class StudyError(ConfigError):
@@ -70,6 +74,18 @@ class GridConfig(Section):
     learning_rate: list[Positive] = Field(min_length=1, description="peak learning rates")
     schedule: list[Literal["wsd", "cosine"]] = Field(min_length=1)
     batch_size: list[Count] = Field(min_length=1, description="sequences per optimizer step")
+    levers: list[str] = Field(  # required: dvc.yaml's lever stage reads it, [] included
+        description="research levers: each entry adds a cell to every combination above, e.g. 'qk_norm', "
+                    "'ema_decay=0.999' or 'mlp=relu2+logit_softcap=15'; [] = none (README, 'Research levers')")
+
+    @field_validator("levers")
+    @classmethod
+    def _levers_parse(cls, value: list[str]) -> list[str]:
+        for spec in value:
+            parse_levers(spec)
+        if len(set(value)) < len(value):
+            raise ValueError(f"grid.levers={value} lists a setting twice")
+        return value
 
 
 class StudyMlflowConfig(Section):
@@ -100,11 +116,37 @@ class Cell:
     learning_rate: int | float
     schedule: str
     batch_size: int
+    levers: str = ""  # one entry of grid.levers; "" = none, the default model and training
 
     @property
     def name(self) -> str:
-        """The values joined by '-', in grid order: the name DVC gives the cell's stage (``cell@<name>``)."""
-        return "-".join(str(getattr(self, axis)) for axis in CELL_AXES)
+        """The values joined by '-', in grid order: the name DVC gives the cell's stage (``cell@<name>``,
+        or ``lever@<name>`` with the levers last)."""
+        return "-".join(str(getattr(self, axis)) for axis in CELL_AXES) + (f"-{self.levers}" if self.levers else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The cell's values (``levers`` only when set, so a lever-free cell's result is what it was)."""
+        return {k: v for k, v in asdict(self).items() if k != "levers" or v}
+
+
+def parse_levers(spec: str) -> dict[str, dict[str, Any]]:
+    """``"qk_norm+ema_decay=0.999"`` -> ``{"model": {"qk_norm": True}, "train": {"ema_decay": 0.999}}``.
+
+    A name alone means true; a value is read as YAML. Names and values are checked against
+    :class:`ModelConfig` and :class:`TrainConfig`; a bad one raises ValueError naming it.
+    """
+    settings: dict[str, dict[str, Any]] = {"model": {}, "train": {}}
+    for part in spec.split("+"):
+        name, _, text = part.partition("=")
+        if name not in LEVER_SECTIONS:
+            raise ValueError(f"grid.levers: unknown lever {name!r} in {spec!r}; known: {sorted(LEVER_SECTIONS)}")
+        settings[LEVER_SECTIONS[name]][name] = yaml.safe_load(text) if text else True
+    try:
+        ModelConfig(**settings["model"])
+        TrainConfig(**settings["train"])
+    except ValidationError as exc:
+        raise ValueError(f"grid.levers: {spec!r}: " + "; ".join(_describe(e) for e in exc.errors())) from None
+    return settings
 
 
 def load_study(path: str | Path) -> StudyConfig:
@@ -135,12 +177,16 @@ def load_study(path: str | Path) -> StudyConfig:
 def _describe(error: dict[str, Any], prefix: str = "") -> str:
     """One pydantic error as ``field=value: rule``."""
     field = ".".join(str(part) for part in error["loc"] if part not in ("int", "float"))  # union branches
-    return f"{prefix}{field}={error.get('input')!r}: {error['msg']}"
+    value = "" if error["type"] == "missing" else f"={error.get('input')!r}"  # not the whole enclosing dict
+    return f"{prefix}{field}{value}: {error['msg']}"
 
 
 def grid_cells(grid: GridConfig) -> list[Cell]:
-    """Every combination of the grid's lists, in the order DVC's ``matrix`` runs them."""
-    return [Cell(*values) for values in itertools.product(*(getattr(grid, axis) for axis in CELL_AXES))]
+    """Every combination of the grid's lists, in the order DVC's ``matrix`` runs them: the ``cell``
+    stage's, then the ``lever`` stage's (each combination again with each entry of ``grid.levers``)."""
+    combinations = list(itertools.product(*(getattr(grid, axis) for axis in CELL_AXES)))
+    return [Cell(*values) for values in combinations] + [
+        Cell(*values, levers=levers) for values in combinations for levers in grid.levers]
 
 
 def model_config(study: StudyConfig, cell: Cell, vocab_size: int):
@@ -152,8 +198,9 @@ def model_config(study: StudyConfig, cell: Cell, vocab_size: int):
     shape = {"n_layer": cell.n_layer, "n_embd": cell.n_embd, "n_head": cell.n_embd // study.model.head_dim,
              "intermediate_size": round(study.model.mlp_ratio * cell.n_embd),
              "context_length": study.model.context_length}
+    levers = parse_levers(cell.levers)["model"] if cell.levers else {}
     try:
-        return GPTConfig(vocab_size=vocab_size, **ModelConfig(**shape).resolved())
+        return GPTConfig(vocab_size=vocab_size, **ModelConfig(**shape).resolved(), **levers)
     except ValidationError as exc:
         raise StudyError(f"cell {cell.name}: {exc.errors()[0]['msg'].removeprefix('Value error, ')}") from None
     except ValueError as exc:
@@ -170,8 +217,9 @@ def train_config(study: StudyConfig, cell: Cell, steps: int) -> TrainConfig:
     if steps <= study.train.get("warmup_steps", TrainConfig().warmup_steps):
         raise StudyError(f"cell {cell.name}: its budget of {cell.tflops} TFLOPs buys {steps} steps, not more than "
                          "the warmup (raise grid.tflops or lower train.warmup_steps)")
+    levers = parse_levers(cell.levers)["train"] if cell.levers else {}
     try:
-        return TrainConfig(**study.train, max_steps=steps, checkpoint_steps=[steps], optimizer=cell.optimizer,
+        return TrainConfig(**study.train, **levers, max_steps=steps, checkpoint_steps=[steps], optimizer=cell.optimizer,
                            learning_rate=cell.learning_rate, min_learning_rate=cell.learning_rate * study.min_lr_ratio,
                            schedule=cell.schedule, batch_size=cell.batch_size)
     except ValidationError as exc:
@@ -189,6 +237,7 @@ class CellTrainer:
         import torch
 
         from .device import resolve_device
+        from .ema import WeightAverage
         from .model import GPT
         from .optim import build_optimizer
         from .schedule import Schedule
@@ -206,9 +255,10 @@ class CellTrainer:
         self.setup = resolve_device(cfg.device, cfg.precision, cfg.compile, cfg.deterministic, distributed=False)
         torch.manual_seed(cfg.seed)
         self.model = self.forward = GPT(self.config).to(self.setup.device).train()
-        self.sampler = WindowSampler(load_tokens(self.tokenized_dir, "train"), context, cfg.seed)
+        self.sampler = WindowSampler(load_tokens(self.tokenized_dir, "train"), context, cfg.seed, cfg.window_start)
+        ema = WeightAverage(self.model, cfg.ema_decay) if cfg.ema_decay is not None else None
         self.state = TrainingState(build_optimizer(self.model, cfg.optimizer, cfg.learning_rate, cfg.weight_decay,
-                                                   (cfg.beta1, cfg.beta2)), self.sampler)
+                                                   (cfg.beta1, cfg.beta2)), self.sampler, ema)
         self.schedule = Schedule.from_config(cfg)
 
     def compile(self) -> None:
@@ -233,10 +283,14 @@ class CellTrainer:
             progress.step += 1
             progress.tokens_seen += self.cfg.batch_size * self.config.context_length
             progress.last_train_loss = loss
+            if self.state.ema is not None:
+                self.state.ema.update(progress.step)
         return loss
 
     def score(self, cfg: ScoreConfig) -> dict[str, Any]:
-        return score_validation(self.model, self.tokenized_dir, self.meta, cfg, self.setup)
+        """Bits per byte of the trained weights, or of their average with ``ema_decay``."""
+        with self.state.ema.applied() if self.state.ema is not None else contextlib.nullcontext():
+            return score_validation(self.model, self.tokenized_dir, self.meta, cfg, self.setup)
 
 
 def run_cell(study: StudyConfig, cell: Cell, tokenized_dir: Path) -> tuple[dict[str, Any], dict[str, float]]:
@@ -254,7 +308,7 @@ def run_cell(study: StudyConfig, cell: Cell, tokenized_dir: Path) -> tuple[dict[
     train_seconds = time.perf_counter() - started
     scores = trainer.score(study.score)
     result = {
-        "cell": asdict(cell), "name": cell.name, "model": trainer.config.to_dict(),
+        "cell": cell.to_dict(), "name": cell.name, "model": trainer.config.to_dict(),
         "parameters": trainer.model.num_parameters(), "flops_per_token": trainer.flops_per_token,
         "steps": progress.step, "tokens": progress.tokens_seen,
         "train_flops": trainer.flops_per_token * progress.tokens_seen,

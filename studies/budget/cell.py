@@ -1,4 +1,4 @@
-"""Stage ``cell@<name>`` of the budget study: train one cell for its FLOPs, score it, log it to MLflow.
+"""Stage ``cell@<name>`` (or ``lever@<name>``) of the budget study: train one cell for its FLOPs, score it, log it to MLflow.
 
 DVC's ``matrix`` passes the cell's values; the settings every cell shares come from this
 folder's params.yaml. Writes ``results/cells/<name>.json`` (only what a rerun reproduces) and
@@ -28,7 +28,7 @@ AXES = {"tflops": number, "n_layer": int, "n_embd": int, "optimizer": str, "lear
 
 def run(args: argparse.Namespace) -> None:
     study = load_study(args.params)
-    cell = Cell(**{axis: getattr(args, axis) for axis in AXES})
+    cell = Cell(**{axis: getattr(args, axis) for axis in AXES}, levers=args.levers)
     if args.out.stem != cell.name:  # the table finds each cell's file by the cell's name
         raise StudyError(f"--out {args.out} must be named after the cell: {cell.name}.json")
     result, timings = run_cell(study, cell, args.data)
@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="results/cells/<name>.json")
     for axis, kind in AXES.items():
         parser.add_argument(f"--{axis.replace('_', '-')}", dest=axis, type=kind, required=True)
+    parser.add_argument("--levers", default="", help="one entry of grid.levers (the lever stage); default: none")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     return exit_status(lambda: run(args))
