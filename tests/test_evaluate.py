@@ -18,6 +18,7 @@ from openllm.evaluate import EvaluationError, evaluate_checkpoint, language_metr
 from openllm.fileio import write_json
 from openllm.model import GPT, GPTConfig
 from openllm.paths import step_folder
+from openllm.scoring import sliding_windows
 from openllm.tokenizer import tokenize
 
 
@@ -58,6 +59,30 @@ def test_figures_match_a_direct_computation(workspace: Path) -> None:
     total, count = token_nats(model, tokens, batch_size=3)
     assert count == len(tokens) - 1  # every token but the first is predicted once
     assert total == pytest.approx(direct_nats(model, tokens), rel=1e-9)
+
+
+@pytest.mark.parametrize("stride", [1, 3])
+def test_sliding_windows_predict_each_token_once_with_more_context(workspace: Path, stride: int) -> None:
+    """Stride 1: every token is predicted from exactly the context's worth of tokens before it (fewer
+    at the start), computed here one token at a time. Stride 3: every token once, at least
+    context - 3 tokens before it. Stride = context: the non-overlapping figure."""
+    model = ckpt.load_model(workspace / "models/checkpoints/step-5")
+    context = model.config.context_length
+    tokens = np.asarray(np.memmap(workspace / "data/tokenized/val.bin", dtype=np.uint16, mode="r")[: 2 * context + 5])
+    total, count = token_nats(model, tokens, batch_size=4, stride=stride)
+    assert count == len(tokens) - 1
+    if stride == 1:
+        expected = 0.0
+        for t in range(1, len(tokens)):
+            window = torch.tensor(tokens[max(0, t - context) : t].astype(np.int64))[None]
+            with torch.no_grad():
+                logits, _ = model(window)
+            expected -= torch.log_softmax(logits[0, -1].double(), dim=-1)[int(tokens[t])].item()
+        assert total == pytest.approx(expected, rel=1e-6)
+    for length, skip, starts in sliding_windows(len(tokens), context, stride, 4):
+        assert length <= context
+        assert all(skip >= context - stride for s in starts if s > 0)  # scored tokens have that much context
+    assert token_nats(model, tokens, stride=context) == token_nats(model, tokens)
 
 
 def test_short_text_is_one_window(workspace: Path) -> None:
@@ -110,6 +135,13 @@ def test_evaluate_checkpoint_writes_metrics_and_samples(workspace: Path) -> None
     assert saved["val_bits_per_byte"] == pytest.approx(
         saved["val_loss"] * saved["val_tokens"] / (math.log(2) * saved["val_bytes"]))
     assert saved["step"] == 5 and saved["tokens_seen"] == 640 and "eval_tokens_per_second" not in saved
+    model = ckpt.load_model(workspace / "models/checkpoints/step-5")
+    tokens = np.memmap(workspace / "data/tokenized/val.bin", dtype=np.uint16, mode="r")
+    half = model.config.context_length // 2  # evaluate.sliding_stride 0.5
+    assert saved["val_bits_per_byte_sliding"] == pytest.approx(  # the stage ran in bf16 autocast
+        token_nats(model, tokens, stride=half)[0] / (math.log(2) * saved["val_bytes"]), rel=1e-3)
+    assert saved["val_bits_per_byte_sliding"] != saved["val_bits_per_byte"]
+    assert f"stride {half}:" in saved["val_sliding_protocol"]
     samples = (out / "samples/step-5.md").read_text()
     assert samples.count("**Greedy**") == 2 and samples.count("**Sampled**") == 2
     assert "Prompt: 'Café'" in samples

@@ -246,6 +246,9 @@ class EvaluateConfig(Section):
     batch_size: int = Field(8, gt=0, description="windows per forward pass")
     max_tokens: int | None = Field(
         None, gt=1, description="score only the first N validation tokens (quick experiments); null = all")
+    sliding_stride: float | None = Field(
+        0.5, gt=0, le=1, description="also score with windows every this fraction of the context, each token "
+                                     "with more context before it (val_bits_per_byte_sliding); null = off")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$", description="auto: CUDA when present")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 autocast where supported (as in training), else fp32"

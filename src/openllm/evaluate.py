@@ -22,7 +22,7 @@ from .errors import OpenLLMError
 from .fileio import read_json, write_json
 from .model import GPT
 from .device import resolve_device
-from .scoring import language_metrics, score_windows
+from .scoring import language_metrics, sliding_windows
 from .tokenizer import load_tokenizer
 from .torch_generate import generate_text
 
@@ -33,18 +33,23 @@ class EvaluationError(OpenLLMError, ValueError):
 
 @torch.no_grad()
 def token_nats(model: GPT, tokens: np.ndarray, batch_size: int = 8,
-               on_progress=lambda n: None) -> tuple[float, int]:
-    """Total negative log-likelihood (nats) of ``tokens[1:]`` and how many tokens that is."""
+               on_progress=lambda n: None, stride: int | None = None) -> tuple[float, int]:
+    """Total negative log-likelihood (nats) of ``tokens[1:]`` and how many tokens that is.
+
+    Windows of the model's context every ``stride`` tokens (default: the context, so windows do
+    not overlap); see :func:`openllm.scoring.sliding_windows`.
+    """
     if len(tokens) < 2:
         raise EvaluationError("need at least 2 tokens to score (the first one has no context)")
     device = next(model.parameters()).device
+    context = model.config.context_length
     total, count = 0.0, 0
-    for length, batch in score_windows(len(tokens), model.config.context_length, batch_size):
+    for length, skip, batch in sliding_windows(len(tokens), context, stride or context, batch_size):
         window = np.stack([tokens[s : s + length + 1] for s in batch]).astype(np.int64)
         window = torch.from_numpy(window).to(device)
         logits, _ = model(window[:, :-1], use_cache=False)
-        targets = window[:, 1:].flatten()
-        total += F.cross_entropy(logits.flatten(0, 1).double(), targets, reduction="sum").item()
+        targets = window[:, 1 + skip:].flatten()
+        total += F.cross_entropy(logits[:, skip:].flatten(0, 1).double(), targets, reduction="sum").item()
         count += targets.numel()
         on_progress(targets.numel())
     return total, count
@@ -98,12 +103,16 @@ def evaluate_checkpoint(checkpoint_dir: Path, tokenized_dir: Path, cfg: Evaluate
     if cfg.max_tokens is not None and cfg.max_tokens < len(tokens):  # a quick look: the split's start
         tokens = np.asarray(tokens[: cfg.max_tokens])
         text_bytes = len(tokenizer.decode(tokens.tolist()).encode("utf-8"))
+    context = model.config.context_length
+    stride = max(1, round(context * cfg.sliding_stride)) if cfg.sliding_stride else None
     started = time.perf_counter()
-    with (tqdm(total=len(tokens) - 1, unit="tok", desc=f"evaluate {checkpoint_dir.name}", disable=not progress) as bar,
-          setup.autocast()):
+    with (tqdm(total=(len(tokens) - 1) * (2 if stride else 1), unit="tok", desc=f"evaluate {checkpoint_dir.name}",
+               disable=not progress) as bar, setup.autocast()):
         total, count = token_nats(model, tokens, cfg.batch_size, bar.update)
+        sliding = token_nats(model, tokens, cfg.batch_size, bar.update, stride)[0] if stride else None
     seconds = time.perf_counter() - started
     figures = language_metrics(total, count, text_bytes)
+    first = "" if cfg.max_tokens is None else f", first {len(tokens):,} tokens"
     metrics = {
         "step": meta.step,
         "tokens_seen": meta.tokens_seen,
@@ -114,9 +123,12 @@ def evaluate_checkpoint(checkpoint_dir: Path, tokenized_dir: Path, cfg: Evaluate
         "val_bits_per_byte": figures["bits_per_byte"],
         "val_tokens": figures["tokens"],
         "val_bytes": figures["bytes"],
-        "val_protocol": f"consecutive windows of {model.config.context_length} tokens, stride "
-                        f"{model.config.context_length}" + ("" if cfg.max_tokens is None else
-                                                           f", first {len(tokens):,} tokens"),
+        "val_protocol": f"consecutive windows of {context} tokens, stride {context}{first}",
+        **({} if stride is None else {
+            "val_bits_per_byte_sliding": language_metrics(sliding, count, text_bytes)["bits_per_byte"],
+            "val_sliding_protocol": f"windows of {context} tokens, stride {stride}: every token scored once, "
+                                    f"with at least {context - stride} tokens before it{first}",
+        }),
         "eval_precision": setup.precision_name,
         **bias_metrics(model, tokenizer),  # src/openllm/bias.py
     }

@@ -21,13 +21,29 @@ def score_windows(n_tokens: int, context: int, batch_size: int) -> list[tuple[in
     ``tokens[s + 1 : s + length + 1]`` from ``tokens[s : s + length]``, so every token but the
     first is predicted exactly once. Full windows are batched; the shorter last one is alone.
     """
+    return [(length, starts) for length, _, starts in sliding_windows(n_tokens, context, context, batch_size)]
+
+
+def sliding_windows(n_tokens: int, context: int, stride: int, batch_size: int) -> list[tuple[int, int, list[int]]]:
+    """Overlapping windows: ``[(length, skip, [start, ...]), ...]``, a window every ``stride`` tokens.
+
+    Window ``s`` reads ``tokens[s : s + length]`` and scores its predictions after the first
+    ``skip`` (those the window before already scored), so every token but the first is still
+    predicted exactly once, but with at least ``context - stride`` tokens before it (fewer only at
+    the start of the text). ``stride == context`` gives :func:`score_windows`' windows.
+    """
     if n_tokens < 2:
         raise ValueError("need at least 2 tokens to score (the first one has no context)")
-    starts = range(0, n_tokens - 1, context)
-    full = [s for s in starts if s + context + 1 <= n_tokens]
-    batches = [(context, full[i : i + batch_size]) for i in range(0, len(full), batch_size)]
-    batches += [(n_tokens - 1 - s, [s]) for s in starts if s + context + 1 > n_tokens]
-    return batches
+    if not 0 < stride <= context:
+        raise ValueError(f"the stride must be from 1 to the context ({context}), not {stride}")
+    groups: dict[tuple[int, int], list[int]] = {}
+    scored, start = 0, 0  # tokens[1 : scored + 1] are scored
+    while scored < n_tokens - 1:
+        length = min(context, n_tokens - 1 - start)
+        groups.setdefault((length, scored - start), []).append(start)
+        scored, start = start + length, start + stride
+    return [(length, skip, starts[i : i + batch_size])
+            for (length, skip), starts in groups.items() for i in range(0, len(starts), batch_size)]
 
 
 def language_metrics(total_nats: float, tokens: int, text_bytes: int) -> dict[str, float]:

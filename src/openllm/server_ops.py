@@ -130,9 +130,10 @@ def lineage(generator: OnnxGenerator) -> dict[str, Any]:
 
 # Connections past serve.max_connections that are still accepted, to be answered 503; beyond
 # them a new connection is closed at once. BACKLOG: connections the kernel queues, which the
-# event loop may accept in one go before it can close any. Plus files for models and logs.
+# event loop accepts in one go; it closes them one loop turn later, while it may accept the
+# next BACKLOG. Plus files for models and logs.
 OVERFLOW_CONNECTIONS = 64
-BACKLOG = 128
+BACKLOG = 64
 OTHER_FILES = 64
 
 
@@ -142,7 +143,7 @@ def open_files_for(max_connections: int) -> int:
     Without it, connections beyond the limit make accept() fail with "too many open files",
     and then the server answers nobody (not even /health) and logs each failure.
     """
-    need = max_connections + OVERFLOW_CONNECTIONS + BACKLOG + OTHER_FILES
+    need = max_connections + OVERFLOW_CONNECTIONS + 2 * BACKLOG + OTHER_FILES
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY or soft >= need:
         return soft
