@@ -49,9 +49,16 @@ def pipeline(r: dict) -> list[str]:
              "| model | parameters | training | steps | val bits/byte |", "| --- | ---: | ---: | ---: | ---: |",
              f"| OpenLLM `{o.get('preset', 'tiny')}` (BPE {o.get('vocab_size', '')}) step {o['checkpoint']} | {o['parameters']:,} | "
              f"{o['train_seconds']:.0f} s | {o['steps']:,} | {o['val_bits_per_byte']:.3f} |",
-             f"| character-level baseline (4 layers, 4 heads, 128 wide, context 64) | {c['parameters']:,} | "
-             f"{c['train_seconds']:.0f} s | {c['steps']:,} | {c['val_bits_per_byte']:.3f} |", "",
-             f"OpenLLM needs {q['bits_per_byte_reduction']:.0%} fewer bits per byte."]
+             f"| character-level baseline (4 layers, 4 heads, 128 wide, context 64), same time | {c['parameters']:,} | "
+             f"{c['train_seconds']:.0f} s | {c['steps']:,} | {c['val_bits_per_byte']:.3f} |"]
+    recipe = q.get("nanogpt_recipe")
+    if recipe:
+        lines.append(f"| the same model by nanoGPT's CPU recipe (2,000 iterations) | {recipe['parameters']:,} | "
+                     f"{recipe['train_seconds']:.0f} s | {recipe['steps']:,} | {recipe['val_bits_per_byte']:.3f} |")
+    lines += ["", f"OpenLLM needs {q['bits_per_byte_reduction']:.0%} fewer bits per byte than the baseline given "
+                  "the same time" + ("" if not recipe else
+                  f", and {q['bits_per_byte_reduction_vs_recipe']:.0%} fewer than nanoGPT's recipe, in "
+                  f"{q['train_time_vs_recipe']:.2f}× its training time") + "."]
     if "int8" in r:
         i = r["int8"]
         lines += ["", f"int8 export of the final checkpoint (`{o.get('preset', 'tiny')}`): "
@@ -60,11 +67,16 @@ def pipeline(r: dict) -> list[str]:
     return lines
 
 
+def heading(title: str, columns: list[str], align: str) -> list[str]:
+    """A section's title and its table's header rows; ``align``: one letter per column, l or r."""
+    rule = " | ".join("---:" if a == "r" else "---" for a in align)
+    return [f"### {title}", "", f"| {' | '.join(columns)} |", f"| {rule} |"]
+
+
 def generation(r: dict) -> list[str]:
-    lines = [f"### Generation (`{r['preset']}`, {r['parameters']:,} parameters, {r['new_tokens']} new tokens per "
-             f"prompt, greedy, {r['torch_threads']} threads, {r['date']})", "",
-             "| batch | way | tokens/s | first token | vs PyTorch without cache |",
-             "| ---: | --- | ---: | ---: | ---: |"]
+    lines = heading(f"Generation (`{r['preset']}`, {r['parameters']:,} parameters, {r['new_tokens']} new tokens "
+                    f"per prompt, greedy, {r['torch_threads']} threads, {r['date']})",
+                    ["batch", "way", "tokens/s", "first token", "vs PyTorch without cache"], "rlrrr")
     names = {"torch_no_cache": "PyTorch, no cache", "torch_kv_cache": "PyTorch, KV cache",
              "onnx_fp32": "onnxruntime fp32", "onnx_int8": "onnxruntime int8"}
     for batch, figures in r["batches"].items():
@@ -110,10 +122,9 @@ def server(r: dict) -> list[str]:
 
 
 def genai(r: dict) -> list[str]:
-    lines = [f"### onnxruntime-genai and `openllm generate` on the same export (`{r['model']}`, greedy to the "
-             f"full context, {r['date']})", "",
-             "| model | batch | `openllm generate`'s generator (tokens/s) | onnxruntime-genai (tokens/s) | genai / ours |",
-             "| --- | ---: | ---: | ---: | ---: |"]
+    lines = heading(f"onnxruntime-genai and `openllm generate` on the same export (`{r['model']}`, greedy to "
+                    f"the full context, {r['date']})", ["model", "batch", "`openllm generate`'s generator (tokens/s)",
+                                                        "onnxruntime-genai (tokens/s)", "genai / ours"], "lrrrr")
     for name, row in r["results"].items():
         variant, batch = name.split("_batch_")
         ours, theirs = row["openllm"]["tokens_per_second"], row["onnxruntime_genai"]["tokens_per_second"]
