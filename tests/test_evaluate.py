@@ -258,3 +258,15 @@ def test_report_removes_outputs_of_unlisted_checkpoints(tmp_path: Path) -> None:
         "metrics/evaluate/step-10.json", "metrics/samples/step-10.md", "models/export/step-10"]
     assert sorted(p.name for p in exports.iterdir()) == ["notes", "step-20"]
     assert (metrics / "evaluate" / "step-20.json").is_file()
+
+
+def test_results_table_shows_the_sliding_figure_and_both_protocols() -> None:
+    from openllm.report import results_markdown
+
+    row = {"step": 10, "tokens_seen": 640, "val_loss": 1.0, "val_perplexity": math.e, "val_bits_per_byte": 1.5,
+           "val_protocol": "consecutive windows of 8 tokens, stride 8"}
+    plain = results_markdown([row], {})
+    assert "sliding" not in plain and "over consecutive windows of 8 tokens, stride 8." in plain
+    both = results_markdown([row | {"val_bits_per_byte_sliding": 1.25, "val_sliding_protocol": "windows of 8, stride 4"}],
+                            {})
+    assert "| 1.5000 | 1.2500 |" in both and "sliding: windows of 8, stride 4." in both

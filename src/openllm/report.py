@@ -66,13 +66,16 @@ def write_table(rows: list[dict[str, Any]], path: Path) -> None:
 
 def results_markdown(rows: list[dict[str, Any]], train_summary: dict[str, Any]) -> str:
     """A markdown table of the checkpoints plus how and where they were made."""
+    sliding = all("val_bits_per_byte_sliding" in row for row in rows)
     lines = [
-        "| checkpoint | tokens seen | val loss (nats/token) | perplexity | bits per byte |",
-        "|---|---:|---:|---:|---:|",
+        "| checkpoint | tokens seen | val loss (nats/token) | perplexity | bits per byte |"
+        + (" bits per byte, sliding |" if sliding else ""),
+        "|---|---:|---:|---:|---:|" + ("---:|" if sliding else ""),
     ]
     for row in rows:
         lines.append(f"| step-{row['step']} | {row['tokens_seen']:,} | {row['val_loss']:.4f} | "
-                     f"{row['val_perplexity']:.2f} | {row['val_bits_per_byte']:.4f} |")
+                     f"{row['val_perplexity']:.2f} | {row['val_bits_per_byte']:.4f} |"
+                     + (f" {row['val_bits_per_byte_sliding']:.4f} |" if sliding else ""))
     machine = train_summary.get("machine", {})
     lines += [
         "",
@@ -81,7 +84,9 @@ def results_markdown(rows: list[dict[str, Any]], train_summary: dict[str, Any]) 
         f"({train_summary.get('precision')}, compiled: {train_summary.get('compiled')}, "
         f"{machine.get('threads')} threads) on {machine.get('cpu')} ({machine.get('cpu_count')} cores), "
         f"torch {machine.get('torch')}. Training time and speed: the MLflow run.",
-        "Perplexity is exp(loss); bits per byte = total nats / (ln 2 x UTF-8 bytes of the validation text).",
+        "Perplexity is exp(loss); bits per byte = total nats / (ln 2 x UTF-8 bytes of the validation text)"
+        + (f", over {rows[-1]['val_protocol']}" if "val_protocol" in rows[-1] else "")
+        + (f"; sliding: {rows[-1]['val_sliding_protocol']}" if sliding else "") + ".",
     ]
     return "\n".join(lines) + "\n"
 
