@@ -32,12 +32,10 @@ from pydantic import Field, ValidationError, field_validator
 
 from .config import ConfigError, ModelConfig, Section, TrainConfig
 from .fileio import read_json
+from .levers import parse_levers
 
 TERA = 1e12
 CELL_AXES = ("tflops", "n_layer", "n_embd", "optimizer", "learning_rate", "schedule", "batch_size")
-# The research levers a cell may set (grid.levers), by the params.yaml section that holds each.
-LEVER_SECTIONS = {"qk_norm": "model", "logit_softcap": "model", "mlp": "model", "ema_decay": "train",
-                  "window_start": "train"}
 GRID_LEVERS = {"max_steps", "checkpoint_steps", "optimizer", "learning_rate", "min_learning_rate", "schedule",
                "batch_size", "ema_decay", "window_start"}  # set per cell, not in the shared train settings
 
@@ -127,26 +125,6 @@ class Cell:
     def to_dict(self) -> dict[str, Any]:
         """The cell's values (``levers`` only when set, so a lever-free cell's result is what it was)."""
         return {k: v for k, v in asdict(self).items() if k != "levers" or v}
-
-
-def parse_levers(spec: str) -> dict[str, dict[str, Any]]:
-    """``"qk_norm+ema_decay=0.999"`` -> ``{"model": {"qk_norm": True}, "train": {"ema_decay": 0.999}}``.
-
-    A name alone means true; a value is read as YAML. Names and values are checked against
-    :class:`ModelConfig` and :class:`TrainConfig`; a bad one raises ValueError naming it.
-    """
-    settings: dict[str, dict[str, Any]] = {"model": {}, "train": {}}
-    for part in spec.split("+"):
-        name, _, text = part.partition("=")
-        if name not in LEVER_SECTIONS:
-            raise ValueError(f"grid.levers: unknown lever {name!r} in {spec!r}; known: {sorted(LEVER_SECTIONS)}")
-        settings[LEVER_SECTIONS[name]][name] = yaml.safe_load(text) if text else True
-    try:
-        ModelConfig(**settings["model"])
-        TrainConfig(**settings["train"])
-    except ValidationError as exc:
-        raise ValueError(f"grid.levers: {spec!r}: " + "; ".join(_describe(e) for e in exc.errors())) from None
-    return settings
 
 
 def load_study(path: str | Path) -> StudyConfig:
