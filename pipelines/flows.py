@@ -27,7 +27,8 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from openllm.config import CHECKPOINTS_DIR, Params, load_params, parse_params
+from openllm.config import Params, load_params, parse_params
+from openllm.paths import CHECKPOINTS_DIR
 from openllm.tracking import read_run_id
 from pipelines.data_source import read_source_record, source_fingerprint, write_source_record
 from pipelines.dvc_commands import download_status, remove_experiments, run_stage

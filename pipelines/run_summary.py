@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from openllm.config import METRICS_DIR
+from openllm.paths import METRICS_DIR
 from openllm.paths import parse_step
 
 SUMMARY_ARTIFACT = "openllm-pipeline-summary"  # key of the markdown artifact each run publishes

@@ -12,12 +12,12 @@ import pytest
 
 from helpers import TINY_DOCS, snapshot_tree, write_params
 from openllm.cli import main as cli_main
+from openllm.fileio import iter_documents
 from openllm.config import parse_params
 from openllm.data import (
     DataError,
     download,
     is_validation,
-    iter_documents,
     markdown_play_to_text,
     shakespeare_documents,
 )

@@ -23,8 +23,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import OpenLLMError
-# Output paths live in openllm.paths; these names stay importable from here.
-from .paths import CHECKPOINTS_DIR, EXPORT_DIR, METRICS_DIR, RAW_DIR, TOKENIZED_DIR  # noqa: F401
 from .sampling import Sampling
 
 MAX_SEED = 2**32 - 1  # every seed fits numpy's and torch's generators

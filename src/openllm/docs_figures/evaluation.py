@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ..checkpoint import TOKENIZER, load_model
-from ..config import METRICS_DIR
+from ..paths import METRICS_DIR
 from ..fileio import read_json
 from .project import LINE, Project, save, table
 

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..checkpoint import list_checkpoints
-from ..config import CHECKPOINTS_DIR, EXPORT_DIR, Params, load_params
+from ..config import Params, load_params
+from ..paths import CHECKPOINTS_DIR, EXPORT_DIR
 from ..errors import OpenLLMError
 
 # Romeo and Juliet, act 2, scene 2, as the plays' text spells it.
