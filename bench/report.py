@@ -45,7 +45,8 @@ def pipeline(r: dict) -> list[str]:
              f"{r['date']})", "",
              f"- Default `dvc repro` from a clean state: **{e2e['clean_repro_seconds'] / 60:.1f} min** ({stages}).",
              f"- No-op `dvc repro`: **{e2e['noop_repro_seconds']:.1f} s**.", "",
-             "Validation bits per byte after the same wall-clock training time, in the same run:", "",
+             "Validation bits per byte in the same run: the baseline trained for the train stage's wall-clock "
+             "time, the recipe for its 2,000 iterations:", "",
              "| model | parameters | training | steps | val bits/byte |", "| --- | ---: | ---: | ---: | ---: |",
              f"| OpenLLM `{o.get('preset', 'tiny')}` (BPE {o.get('vocab_size', '')}) step {o['checkpoint']} | {o['parameters']:,} | "
              f"{o['train_seconds']:.0f} s | {o['steps']:,} | {o['val_bits_per_byte']:.3f} |",
