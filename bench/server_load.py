@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import socket
 import subprocess
@@ -41,15 +40,18 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import openai
 import psutil
 import yaml
 
 
-def percentile(values: list[float], q: float) -> float:
-    """The nearest-rank percentile: the smallest value with at least ``q`` of them at or below it."""
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+def latency_figures(latencies: list[float]) -> dict[str, float]:
+    """p50, p95 (nearest rank: a latency some request really had) and max, in milliseconds."""
+    if not latencies:
+        return {}
+    p50, p95 = np.percentile(latencies, [50, 95], method="inverted_cdf")
+    return {"p50_ms": 1000 * float(p50), "p95_ms": 1000 * float(p95), "max_ms": 1000 * max(latencies)}
 
 
 def rss_mb(pid: int) -> float:
@@ -99,10 +101,7 @@ def run_load(
         "wall_seconds": wall,
         "completion_tokens": tokens, "tokens_per_second": tokens / wall, "requests_per_second": len(latencies) / wall,
     }
-    if latencies:
-        result.update(p50_ms=1000 * percentile(latencies, 0.50), p95_ms=1000 * percentile(latencies, 0.95),
-                      max_ms=1000 * max(latencies))
-    return result
+    return result | latency_figures(latencies)
 
 
 def measure(base_url: str, model: str, pid: int | None = None, warmup: int = 2, **load: Any) -> dict[str, Any]:
@@ -202,10 +201,7 @@ def combine(parts: list[dict[str, Any]]) -> dict[str, Any]:
               "errors": sum(part["errors"] for part in parts), "first_errors": parts[0]["first_errors"],
               "max_tokens": parts[0]["max_tokens"], "wall_seconds": wall, "completion_tokens": tokens,
               "tokens_per_second": tokens / wall, "requests_per_second": len(latencies) / wall}
-    if latencies:
-        result.update(p50_ms=1000 * percentile(latencies, 0.50), p95_ms=1000 * percentile(latencies, 0.95),
-                      max_ms=1000 * max(latencies))
-    return result
+    return result | latency_figures(latencies)
 
 
 def start(model: str, params: Path, log: Path, source: Path | None, **limits: Any):
