@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from openllm.fileio import iter_documents
-from openllm.scoring import score_windows
+from openllm.scoring import language_metrics, score_windows
 
 
 @dataclass
@@ -132,7 +132,7 @@ def bits_per_byte(model: CharGPT, data: CharData, text: str, context: int, batch
         window = torch.stack([ids[s : s + length + 1] for s in batch])
         logits = model(window[:, :-1])
         total += F.cross_entropy(logits.flatten(0, 1).double(), window[:, 1:].flatten(), reduction="sum").item()
-    return total / (math.log(2) * len(text.encode("utf-8")))
+    return language_metrics(total, len(ids) - 1, len(text.encode("utf-8")))["bits_per_byte"]
 
 
 def train_and_score(seconds: float, raw_dir, cfg: CharConfig = CharConfig(), total_steps: int | None = None) -> dict:
