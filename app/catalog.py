@@ -24,7 +24,7 @@ import pandas as pd
 import regex
 import streamlit as st
 
-from openllm.config import AppConfig, ConfigError, load_params
+from openllm.config import AppConfig, ConfigError, Params, load_params
 from openllm.decode import blocked_pattern
 from openllm.fileio import read_json
 from openllm.paths import CHECKPOINTS_DIR, EXPORT_DIR, METRICS_DIR, parse_step
@@ -58,16 +58,20 @@ def project_root() -> Path:
     return Path(os.environ.get(ROOT_ENV) or Path(__file__).resolve().parents[1])
 
 
-def load_settings(root: Path) -> AppConfig:
-    """The ``app`` section of ``root/params.yaml`` (defaults without the file)."""
+def project_params(root: Path) -> Params:
+    """``root/params.yaml``, validated (the defaults without the file)."""
     path = root / "params.yaml"
-    return load_params(path).app if path.is_file() else AppConfig()
+    return load_params(path) if path.is_file() else Params()
+
+
+def load_settings(root: Path) -> AppConfig:
+    """The ``app`` section of ``root/params.yaml``."""
+    return project_params(root).app
 
 
 def output_filter(root: Path) -> regex.Pattern[str] | None:
     """The server's output filter (``serve.output_filter`` of ``root/params.yaml``): the app applies it too."""
-    path = root / "params.yaml"
-    return blocked_pattern(load_params(path).serve.output_filter) if path.is_file() else None
+    return blocked_pattern(project_params(root).serve.output_filter)
 
 
 def _cache_size() -> int:
