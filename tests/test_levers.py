@@ -1,6 +1,6 @@
-"""The research levers, each off by default: QK-norm, logit soft-capping, the ReLU-squared MLP
-(openllm.model), the weight average (openllm.ema, ``train.ema_decay``) and windows that start at
-document boundaries (openllm.windows, ``train.window_start``).
+"""The research levers, each off by default: QK-norm, logit soft-capping, the ReLU-squared MLP and
+value embeddings (openllm.model), the weight average (openllm.ema, ``train.ema_decay``) and windows
+that start at document boundaries (openllm.windows, ``train.window_start``).
 
 Each lever is checked for what it computes, that its setting is validated with a message naming
 the field, that the exports handle it (ONNX matches PyTorch; no Hugging Face folder, with the
@@ -33,7 +33,7 @@ from openllm.windows import DataTooShortError, WindowSampler
 from test_train import Project, resumed_at, tokenized, train_log  # noqa: F401  (fixtures)
 
 SHAPE = dict(vocab_size=64, context_length=16, n_layer=2, n_head=2, n_embd=16, intermediate_size=24)
-LEVERS = dict(qk_norm=True, logit_softcap=5.0, mlp="relu2")
+LEVERS = dict(qk_norm=True, logit_softcap=5.0, mlp="relu2", value_embeds=True)
 
 
 def model(seed: int = 0, **levers) -> GPT:
@@ -62,11 +62,11 @@ def test_config_round_trips_and_old_configs_load() -> None:
     assert config.to_dict()["mlp"] == "relu2"
     assert GPTConfig.from_dict(config.to_dict()) == config
     old = GPTConfig.from_dict(dict(SHAPE))  # a checkpoint written before the levers existed
-    assert (old.qk_norm, old.logit_softcap, old.mlp) == (False, None, "swiglu")
+    assert (old.qk_norm, old.logit_softcap, old.mlp, old.value_embeds) == (False, None, "swiglu", False)
 
 
 @pytest.mark.parametrize("field, value", [("qk_norm", "yes"), ("logit_softcap", 0.0), ("logit_softcap", True),
-                                          ("mlp", "gelu")])
+                                          ("mlp", "gelu"), ("value_embeds", 1)])
 def test_bad_lever_values_are_refused_by_name(field: str, value) -> None:
     with pytest.raises(ValueError, match=f"^{field}="):
         GPTConfig(**SHAPE, **{field: value})
@@ -104,6 +104,23 @@ def test_relu2_mlp_is_down_of_relu_up_squared_without_a_gate() -> None:
     torch.testing.assert_close(mlp(h), expected)
 
 
+def test_value_embeddings_add_a_gated_token_vector_to_every_layers_values() -> None:
+    embedded, plain = model(value_embeds=True), model()
+    assert not hasattr(plain, "value_embeddings")
+    missing = embedded.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert sorted(missing) == ["layers.0.attn.ve_gate", "layers.1.attn.ve_gate", "value_embeddings.weight"]
+    x = ids()
+    assert not torch.allclose(embedded(x)[0], plain(x)[0], atol=1e-3)
+    with torch.no_grad():
+        for layer in embedded.layers:
+            layer.attn.ve_gate.zero_()  # a closed gate leaves the plain model
+    torch.testing.assert_close(embedded(x)[0], plain(x)[0])
+    # A lookup table, like the input embedding: counted in the parameters, not in the FLOPs.
+    table = SHAPE["vocab_size"] * SHAPE["n_embd"]
+    assert embedded.num_parameters() == plain.num_parameters() + table + SHAPE["n_layer"]
+    assert embedded.estimate_flops_per_token() == plain.estimate_flops_per_token() + 6 * SHAPE["n_layer"]
+
+
 def test_kv_cache_decoding_matches_a_full_pass_with_every_lever() -> None:
     m, x = model(**LEVERS), ids(1, 10)
     full = m(x)[0]
@@ -117,7 +134,7 @@ def test_kv_cache_decoding_matches_a_full_pass_with_every_lever() -> None:
 
 def test_model_settings_are_validated_by_field() -> None:
     assert ModelConfig().qk_norm is False and ModelConfig().logit_softcap is None and ModelConfig().mlp == "swiglu"
-    for field, value in [("logit_softcap", 0), ("mlp", "gelu")]:
+    for field, value in [("logit_softcap", 0), ("mlp", "gelu"), ("value_embeds", "yes")]:
         with pytest.raises(ValidationError, match=field):
             ModelConfig(**{field: value})
     for field, value in [("ema_decay", 1.0), ("ema_decay", 0), ("window_start", "line")]:
@@ -151,7 +168,8 @@ def test_export_of_a_lever_model_checks_onnx_and_skips_hugging_face(tmp_path: Pa
                                Sampling(), None)
     assert report["verification"]["max_abs_diff_logits"] <= 1e-4  # the export raises otherwise
     assert "int8" in report and "genai" in report  # the quantised model and onnxruntime-genai work too
-    reason = "model.qk_norm=True, model.logit_softcap=5.0, model.mlp=relu2 has no LlamaForCausalLM equivalent"
+    reason = ("model.qk_norm=True, model.logit_softcap=5.0, model.mlp=relu2, model.value_embeds=True has no "
+              "LlamaForCausalLM equivalent")
     assert report["huggingface"] == {"skipped": reason}
     assert not (out / HF_DIR).exists()
     assert f"export.huggingface skipped: {reason}" in caplog.text

@@ -102,21 +102,22 @@ def test_bad_settings_fail_with_one_line_naming_the_field(tmp_path: Path, change
 
 def test_levers_add_cells_and_leave_the_other_cells_as_they_were(tmp_path: Path) -> None:
     plain = load_study(write_study(tmp_path / "plain.yaml", TINY_STUDY))
-    spec = "qk_norm+logit_softcap=15+mlp=relu2+ema_decay=0.999+window_start=document"
+    spec = "qk_norm+logit_softcap=15+mlp=relu2+value_embeds+ema_decay=0.999+window_start=document+seed=8"
     levers = load_study(write_study(tmp_path / "levers.yaml", TINY_STUDY | {
         "grid": {**TINY_STUDY["grid"], "levers": ["qk_norm", spec]}}))
     cells = grid_cells(levers.grid)
     assert cells[:2] == grid_cells(plain.grid)  # the lever-free cells keep their names and values
     assert [c.name for c in cells[2:]] == [f"0.0004-1-{w}-muon-0.004-wsd-4-{s}" for w in (16, 32) for s in ("qk_norm", spec)]
     assert "levers" not in cells[0].to_dict() and cells[3].to_dict()["levers"] == spec
-    assert parse_levers(spec) == {"model": {"qk_norm": True, "logit_softcap": 15, "mlp": "relu2"},
-                                  "train": {"ema_decay": 0.999, "window_start": "document"}}
+    assert parse_levers(spec) == {"model": {"qk_norm": True, "logit_softcap": 15, "mlp": "relu2", "value_embeds": True},
+                                  "train": {"ema_decay": 0.999, "window_start": "document", "seed": 8}}
     config = model_config(levers, cells[3], 400)
-    assert (config.qk_norm, config.logit_softcap, config.mlp) == (True, 15, "relu2")
+    assert (config.qk_norm, config.logit_softcap, config.mlp, config.value_embeds) == (True, 15, "relu2", True)
     assert model_config(levers, cells[0], 400) == model_config(plain, cells[0], 400)
     train = train_config(levers, cells[3], 20)
-    assert (train.ema_decay, train.window_start) == (0.999, "document")
+    assert (train.ema_decay, train.window_start, train.seed) == (0.999, "document", 8)  # the cell's seed wins
     assert train_config(levers, cells[0], 20) == train_config(plain, cells[0], 20)
+    assert train_config(levers, cells[0], 20).seed == 7
 
 
 def test_power_law_fits_a_power_law_and_nothing_else() -> None:

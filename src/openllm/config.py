@@ -134,6 +134,8 @@ class ModelConfig(Section):
         None, gt=0, description="soft-cap the output logits: cap x tanh(logits / cap); null = off")
     mlp: Literal["swiglu", "relu2"] = Field(
         "swiglu", description="feed-forward: swiglu (Llama), or relu2: down(relu(up(x))^2), no gate")
+    value_embeds: bool = Field(
+        False, description="a second token embedding whose vectors every layer adds (gated) to its attention values")
 
     def resolved(self) -> dict[str, int]:
         """The preset with overrides applied (without vocab_size)."""

@@ -1,7 +1,7 @@
 """The research levers a study cell may set (``grid.levers``): their names, and parsing an entry.
 
-The levers themselves live where they act: QK-norm, logit soft-capping and the ReLU-squared MLP in
-:mod:`openllm.model`, the weight average in :mod:`openllm.ema`, document-start windows in
+The levers themselves live where they act: QK-norm, logit soft-capping, value embeddings and the
+ReLU-squared MLP in :mod:`openllm.model`, the weight average in :mod:`openllm.ema`, document-start windows in
 :mod:`openllm.windows`; their settings are ``model.*`` and ``train.*`` fields of params.yaml.
 """
 
@@ -15,8 +15,9 @@ from pydantic import ValidationError
 from .config import ModelConfig, TrainConfig
 
 # Each lever by the params.yaml section that holds it.
-LEVER_SECTIONS = {"qk_norm": "model", "logit_softcap": "model", "mlp": "model", "ema_decay": "train",
-                  "window_start": "train"}
+# ``seed`` is no lever: it trains a cell again under another seed, to measure run-to-run noise.
+LEVER_SECTIONS = {"qk_norm": "model", "logit_softcap": "model", "mlp": "model", "value_embeds": "model",
+                  "ema_decay": "train", "window_start": "train", "seed": "train"}
 
 
 def parse_levers(spec: str) -> dict[str, dict[str, Any]]:

@@ -41,6 +41,7 @@ class GPTConfig:
     qk_norm: bool = False  # RMSNorm on each head's query and key, before the rotary embedding
     logit_softcap: float | None = None  # logits -> cap * tanh(logits / cap)
     mlp: str = "swiglu"  # "swiglu" or "relu2" (down(relu(up(x))^2), no gate)
+    value_embeds: bool = False  # a second token embedding, added (gated per layer) to every layer's values
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "context_length", "n_layer", "n_head", "n_embd", "intermediate_size"):
@@ -51,8 +52,9 @@ class GPTConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"{name}={value!r} must be a positive number")
-        if not isinstance(self.qk_norm, bool):
-            raise ValueError(f"qk_norm={self.qk_norm!r} must be true or false")
+        for name in ("qk_norm", "value_embeds"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be true or false")
         if self.logit_softcap is not None and (isinstance(self.logit_softcap, bool) or not
                                                isinstance(self.logit_softcap, (int, float)) or not self.logit_softcap > 0):
             raise ValueError(f"logit_softcap={self.logit_softcap!r} must be a positive number or null")
@@ -97,7 +99,7 @@ class GPTConfig:
 
 
 MLP_KINDS = ("swiglu", "relu2")
-LEVER_DEFAULTS: dict[str, Any] = {"qk_norm": False, "logit_softcap": None, "mlp": "swiglu"}
+LEVER_DEFAULTS: dict[str, Any] = {"qk_norm": False, "logit_softcap": None, "mlp": "swiglu", "value_embeds": False}
 
 
 def hf_weight_names(n_layer: int) -> dict[str, str]:
@@ -167,6 +169,8 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
         self.qk_norm = cfg.qk_norm
+        if cfg.value_embeds:  # how much of the token's value embedding this layer adds to its values
+            self.ve_gate = nn.Parameter(torch.ones(1))
 
     def forward(
         self,
@@ -176,12 +180,15 @@ class Attention(nn.Module):
         mask: torch.Tensor | None,  # bool (B or 1, 1, T, S), True = may attend
         past: tuple[torch.Tensor, torch.Tensor] | None,
         need_probs: bool = False,
+        ve: torch.Tensor | None = None,  # (B, T, C): the value embeddings of the new tokens
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]:
         B, T, C = x.shape
         # (B, T, C) -> (B, H, T, D)
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        if ve is not None:  # before the cache, so cached values already hold it
+            v = v + self.ve_gate * ve.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q = q * cos + rotate_half(q) * sin
@@ -236,8 +243,9 @@ class Block(nn.Module):
         mask: torch.Tensor | None,
         past: tuple[torch.Tensor, torch.Tensor] | None = None,
         need_probs: bool = False,
+        ve: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]:
-        h, present, probs = self.attn(self.attn_norm(x), cos, sin, mask, past, need_probs)
+        h, present, probs = self.attn(self.attn_norm(x), cos, sin, mask, past, need_probs, ve)
         x = x + h
         x = x + self.mlp(self.mlp_norm(x))
         return x, present, probs
@@ -270,6 +278,8 @@ class GPT(nn.Module):
         self.norm = RMSNorm(config.n_embd, config.norm_eps)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.tok_embeddings.weight  # tie: both (V, C)
+        if config.value_embeds:  # a lookup, like the input embedding: memory, but no matmul FLOPs
+            self.value_embeddings = nn.Embedding(config.vocab_size, config.n_embd)
         D = config.head_dim
         inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float) / D))  # (D/2,)
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # derived, not a weight
@@ -312,6 +322,7 @@ class GPT(nn.Module):
             position_ids = torch.arange(T_past, T_past + T, device=input_ids.device)[None].expand(B, T)
 
         x = self.tok_embeddings(input_ids)  # (B, T, C)
+        ve = self.value_embeddings(input_ids) if self.config.value_embeds else None  # (B, T, C)
         cos, sin = rotary_cos_sin(position_ids, self.inv_freq, x.dtype)  # (B, 1, T, D)
         mask = None  # None -> SDPA is_causal fast path
         if attention_mask is not None or past_key_values is not None:
@@ -324,9 +335,9 @@ class GPT(nn.Module):
         for i, layer in enumerate(self.layers):
             past = None if past_key_values is None else past_key_values[i]
             if ckpt and past is None:
-                x, kv, probs = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+                x, kv, probs = checkpoint(layer, x, cos, sin, mask, None, False, ve, use_reentrant=False)
             else:
-                x, kv, probs = layer(x, cos, sin, mask, past, return_attention)
+                x, kv, probs = layer(x, cos, sin, mask, past, return_attention, ve)
             presents.append(kv)
             attentions.append(probs)
 
@@ -339,10 +350,15 @@ class GPT(nn.Module):
         return logits, (presents if use_cache else None)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
-        """Number of parameters; the tied embedding/head matrix is counted once."""
+        """Number of parameters; the tied embedding/head matrix is counted once.
+
+        ``exclude_embeddings`` leaves out the lookup tables (the token and value embeddings).
+        """
         n = sum(p.numel() for p in self.parameters())  # parameters() de-duplicates tied tensors
         if exclude_embeddings:
             n -= self.tok_embeddings.weight.numel()
+            if self.config.value_embeds:
+                n -= self.value_embeddings.weight.numel()
         return n
 
     def estimate_flops_per_token(self) -> int:

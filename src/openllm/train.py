@@ -162,7 +162,7 @@ class Trainer:
         self.data_meta = read_json(meta_path)
         self.model_config = GPTConfig(vocab_size=self.data_meta["vocab_size"], rope_theta=params.model.rope_theta,
                                       qk_norm=params.model.qk_norm, logit_softcap=params.model.logit_softcap,
-                                      mlp=params.model.mlp,
+                                      mlp=params.model.mlp, value_embeds=params.model.value_embeds,
                                       **params.model.resolved())
         self.context = self.model_config.context_length
         self.train_tokens = load_tokens(tokenized_dir, "train")
