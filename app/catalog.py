@@ -156,20 +156,21 @@ def fingerprint(checkpoint: Checkpoint) -> str:
 
 
 @st.cache_resource(max_entries=_cache_size(), show_spinner=False)
-def load_generator(spec: str, version: str, uri: str) -> OnnxGenerator:
+def load_generator(spec: str, version: str, uri: str, engine: str = "onnxruntime") -> OnnxGenerator:
     """The generator of ``spec``, one onnxruntime session per (spec, version), shared by all users.
 
-    ``version`` only keys the cache (see :func:`fingerprint`). Registry versions are downloaded
-    from the store ``uri`` into a temporary folder, loaded, and the download removed.
+    ``version`` only keys the cache (see :func:`fingerprint`); ``engine`` is ``app.engine``.
+    Registry versions are downloaded from the store ``uri`` into a temporary folder, loaded, and
+    the download removed.
     """
     if not spec.startswith(REGISTRY_PREFIX):
-        return OnnxGenerator.load(spec)
+        return OnnxGenerator.load(spec, engine=engine)
     with tempfile.TemporaryDirectory(prefix="openllm-app-") as tmp:
         try:
             folder = registry.download_export(spec, Path(tmp), tracking_uri=uri)  # from the store `uri`
         except RegistryError as exc:
             raise ModelLoadError(str(exc)) from None
-        generator = OnnxGenerator.load(folder)  # everything is in memory afterwards
+        generator = OnnxGenerator.load(folder, engine=engine)  # everything is in memory afterwards
     generator.source = spec
     return generator
 

@@ -8,8 +8,11 @@ the values) and exports it: fp32, int8 and the onnxruntime-genai configs (bench/
 Each way generates greedily from one-token prompts until the context is full, for fp32 and int8:
 
 - ``openllm``: :class:`openllm.runtime.OnnxGenerator` (what ``openllm generate``, the server and
-  the app run), sampling in numpy between onnxruntime calls;
-- ``onnxruntime_genai``: ``onnxruntime_genai.Generator`` on the same ONNX file, greedy search in C++.
+  the app run by default), sampling in numpy between onnxruntime calls, a batch in one call;
+- ``openllm_genai_engine``: the same with ``engine="genai"`` (``--engine genai``,
+  ``serve.engine``, ``app.engine``): one onnxruntime-genai generator per row, stepped in turn;
+- ``onnxruntime_genai``: ``onnxruntime_genai.Generator`` on the same ONNX file, the whole batch in
+  one generator, greedy search in C++.
 
 Both check that they produce the same tokens first. The figures are new tokens per second
 over all prompts of a batch, best of ``--repeats`` runs taken in turns.
@@ -66,16 +69,20 @@ def compare(export_dir: Path, batches: list[int], repeats: int) -> dict:
     results = {}
     for variant, folder in (("fp32", export_dir), ("int8", export_dir / INT8_DIR)):
         ours = OnnxGenerator.load(export_dir, quantized=variant == "int8")
+        engine = OnnxGenerator.load(export_dir, quantized=variant == "int8", engine="genai")
         genai = og.Model(str(folder))
         n = ours.context_length - 1
         greedy = Sampling(temperature=0.0, top_k=0, top_p=1.0, max_new_tokens=n, seed=0)
         first = ours.generate_tokens([[400]], greedy)[0].token_ids
-        if genai_greedy(genai, [400], n, ours.eos_id) != first:
+        same = engine.generate_tokens([[400]], greedy)[0].token_ids == first
+        if genai_greedy(genai, [400], n, ours.eos_id) != first or not same:
             raise SystemExit(f"{folder}: onnxruntime-genai and openllm disagree on the greedy tokens")
         for batch in batches:
             prompts = [[400 + i] for i in range(batch)]  # different prompts, same length
             ways = {
                 "openllm": lambda p=prompts: sum(r.completion_tokens for r in ours.generate_tokens(p, greedy)),
+                "openllm_genai_engine": lambda p=prompts: sum(
+                    r.completion_tokens for r in engine.generate_tokens(p, greedy)),
                 "onnxruntime_genai": lambda p=prompts: genai_batch(genai, p, ours.context_length),
             }
             results[f"{variant}_batch_{batch}"] = measure(ways, repeats)

@@ -124,12 +124,17 @@ def server(r: dict) -> list[str]:
 
 def genai(r: dict) -> list[str]:
     lines = heading(f"onnxruntime-genai and `openllm generate` on the same export (`{r['model']}`, greedy to "
-                    f"the full context, {r['date']})", ["model", "batch", "`openllm generate`'s generator (tokens/s)",
-                                                        "onnxruntime-genai (tokens/s)", "genai / ours"], "lrrrr")
+                    f"the full context, {r['date']})",
+                    ["model", "batch", "engine onnxruntime (tokens/s)", "engine genai (tokens/s)",
+                     "onnxruntime-genai alone (tokens/s)", "genai engine / onnxruntime engine",
+                     "genai alone / onnxruntime engine"], "lrrrrrr")
     for name, row in r["results"].items():
         variant, batch = name.split("_batch_")
         ours, theirs = row["openllm"]["tokens_per_second"], row["onnxruntime_genai"]["tokens_per_second"]
-        lines.append(f"| {variant} | {batch} | {ours:,.0f} | {theirs:,.0f} | {theirs / ours:.2f}× |")
+        engine = row.get("openllm_genai_engine", {}).get("tokens_per_second")
+        cells = (f"{engine:,.0f} | {engine / ours:.2f}×" if engine else "– | –").split(" | ")
+        lines.append(f"| {variant} | {batch} | {ours:,.0f} | {cells[0]} | {theirs:,.0f} | {cells[1]} | "
+                     f"{theirs / ours:.2f}× |")
     return lines
 
 

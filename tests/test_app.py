@@ -214,6 +214,28 @@ def test_the_output_filter_applies_in_the_app(project: Path, tmp_path: Path, mon
     assert "output filter" in app.columns[0].caption[0].value
 
 
+def test_the_genai_engine_writes_the_columns_when_the_params_ask_for_it(project: Path, tmp_path: Path,
+                                                                      monkeypatch) -> None:
+    """``app.engine: genai``: onnxruntime-genai samples each column, so the text is its own for the seed."""
+    sampling = EXPORT_SAMPLING.replace(temperature=1.0, max_new_tokens=24, seed=7)
+    folders = [project / "models" / "export" / f"step-{step}" for step in STEPS]
+    genai = [OnnxGenerator.load(f, engine="genai").generate("ROMEO:\n", sampling).text for f in folders]
+    default = [OnnxGenerator.load(f).generate("ROMEO:\n", sampling).text for f in folders]
+    assert genai != default  # each engine draws with its own random generator
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "export").symlink_to(project / "models" / "export")
+    write_params(tmp_path, {"app": {**LIMITS, "engine": "genai"}})
+    monkeypatch.setenv("OPENLLM_ROOT", str(tmp_path))
+    app = AppTest.from_file(str(APP), default_timeout=60).run()
+    assert "onnxruntime-genai" in app.caption[0].value
+    app.sidebar.get("slider")[0].set_value(1.0)  # temperature
+    app.sidebar.get("slider")[2].set_value(24)  # max new tokens
+    app.sidebar.get("number_input")[1].set_value(7)  # seed
+    generate(app, "ROMEO:\n")
+    assert not app.exception and not app.error
+    assert output_texts(app) == [shown(text) for text in genai]
+
+
 def test_checkpoints_page(app: AppTest) -> None:
     app.switch_page(CHECKPOINTS_PAGE).run()
     assert not app.exception and not app.error

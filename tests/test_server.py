@@ -696,3 +696,43 @@ def test_a_flood_of_connections_cannot_use_up_the_open_files(exports: dict[str, 
         stop_server(process)
     output = log.read_text(errors="replace")
     assert "Too many open files" not in output and len(output) < 20_000, output[-3000:]
+
+
+def test_the_genai_engine_serves_concurrent_requests(exports: dict[str, Path], generators: dict[str, OnnxGenerator],
+                                                     tmp_path: Path) -> None:
+    """``serve.engine: genai``: a real server, 6 clients at once; greedy text equals the default engine's."""
+    write_params(tmp_path, {"serve": {**LIMITS, "engine": "genai"}})
+    log = tmp_path / "server.log"
+    process, base_url = start_server([str(exports["step-10"])], free_port(), log, cwd=tmp_path)
+    try:
+        prompts = [PROMPT, "To be", "Hi", "KING:", "Now is", "O"]
+        results: dict[int, Any] = {}
+
+        def ask(i: int) -> None:
+            results[i] = openai_client(base_url).completions.create(model="step-10", prompt=prompts[i], max_tokens=20,
+                                                                    temperature=0.0).choices[0]
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        generator = generators["step-10"]
+        for i, prompt in enumerate(prompts):
+            expected = generator.generate(prompt, generator.sampling(temperature=0.0, max_new_tokens=20))
+            assert (results[i].text, results[i].finish_reason) == (expected.text, expected.finish_reason)
+        sampled = [openai_client(base_url).completions.create(model="step-10", prompt=PROMPT, max_tokens=16,
+                                                              temperature=1.0, seed=9).choices[0].text for _ in "ab"]
+        assert sampled[0] == sampled[1] and sampled[0]
+        with httpx.Client(base_url=base_url, timeout=30) as http:
+            refused = http.post("/v1/completions", json={"model": "step-10", "prompt": PROMPT, "logprobs": 2})
+            assert refused.status_code == 400
+            assert "logprobs are not available with serve.engine=genai" in refused.json()["error"]["message"]
+            streamed = http.post("/v1/completions", json={"model": "step-10", "prompt": PROMPT, "max_tokens": 20,
+                                                          "temperature": 0, "stream": True})
+            pieces = [json.loads(line[6:])["choices"][0]["text"] for line in streamed.text.splitlines()
+                      if line.startswith("data: {")]
+            assert "".join(pieces) == results[0].text
+    finally:
+        stop_server(process)
+    assert "Traceback" not in log.read_text(errors="replace"), log.read_text(errors="replace")[-3000:]

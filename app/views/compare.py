@@ -104,7 +104,7 @@ def describe(result: GenerationResult, seconds: float, capped: int | None) -> st
 
 
 def generate(checkpoints: list[catalog.Checkpoint], prompt: str, sampling: Sampling,
-             max_prompt_tokens: int, root: Path) -> list[Output]:
+             max_prompt_tokens: int, root: Path, engine: str = "onnxruntime") -> list[Output]:
     """Stream every checkpoint's completion into its column; return what the columns show.
 
     The server's output filter applies here too: a text ends before its first match.
@@ -118,7 +118,8 @@ def generate(checkpoints: list[catalog.Checkpoint], prompt: str, sampling: Sampl
     for i, checkpoint in enumerate(checkpoints):
         try:
             with st.spinner(f"Loading {checkpoint.label}..."):
-                generator = catalog.load_generator(checkpoint.spec, catalog.fingerprint(checkpoint), tracking_uri)
+                generator = catalog.load_generator(checkpoint.spec, catalog.fingerprint(checkpoint), tracking_uri,
+                                                   engine)
             tokens = len(generator.encode(prompt))
             if tokens > max_prompt_tokens:
                 raise OpenLLMError(f"The prompt is {tokens:,} tokens for this model; the limit is "
@@ -153,7 +154,8 @@ def generate(checkpoints: list[catalog.Checkpoint], prompt: str, sampling: Sampl
 
 
 root, settings, checkpoints = catalog.start_page("Compare checkpoints")
-st.caption("The same prompt, settings and seed for every checkpoint: what differs is how long each model trained.")
+st.caption("The same prompt, settings and seed for every checkpoint: what differs is how long each model trained."
+           + (" Generated with onnxruntime-genai (params.yaml `app.engine`)." if settings.engine == "genai" else ""))
 by_label = {c.label: c for c in checkpoints}
 labels = list(by_label)
 sampling = sampling_controls(catalog.default_sampling(checkpoints), settings.max_new_tokens)
@@ -176,7 +178,8 @@ if clicked:
     elif problem := catalog.prompt_limit_error(prompt, settings):
         st.error(problem)
     else:
-        outputs = generate([by_label[p] for p in picked], prompt, sampling, settings.max_prompt_tokens, root)
+        outputs = generate([by_label[p] for p in picked], prompt, sampling, settings.max_prompt_tokens, root,
+                           settings.engine)
         st.session_state["outputs"] = (prompt, outputs)
 elif "outputs" in st.session_state:  # the last comparison stays on screen while settings change
     last_prompt, outputs = st.session_state["outputs"]

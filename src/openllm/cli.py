@@ -17,6 +17,7 @@ from typing import Callable
 
 from .config import load_params
 from .errors import OpenLLMError, exit_status
+from .genai_engine import ENGINES
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int | None]] = {}
 
@@ -50,7 +51,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
             text.encode("utf-8")
         except UnicodeEncodeError as exc:
             raise OpenLLMError(f"{text!r} is not valid UTF-8 text (byte {exc.start})") from None
-    generator = OnnxGenerator.load(args.model, quantized=args.int8)
+    generator = OnnxGenerator.load(args.model, quantized=args.int8, engine=args.engine)
     sampling = generator.sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                   max_new_tokens=args.max_new_tokens, seed=args.seed)
     results: list = []
@@ -122,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, help="same seed, same text")
     generate.add_argument("--stop", action="append", help="stop before this text (repeatable; $'\\n' for a newline)")
     generate.add_argument("--int8", action="store_true", help="use the int8 model")
+    generate.add_argument("--engine", choices=ENGINES, default="onnxruntime",
+                          help="onnxruntime (default) or genai: onnxruntime-genai generates (same greedy text; "
+                               "sampled text follows its own random generator)")
     generate.add_argument("prompt")
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server for the exported models (params.yaml serve)")
     serve.add_argument("--model", action="append",

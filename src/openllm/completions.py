@@ -59,6 +59,9 @@ def plan(body: CompletionRequest, generator: OnnxGenerator, limits: ServeConfig,
                             "(serve.max_prompts)", "prompt")
     if body.stream and (body.echo or body.logprobs is not None):
         raise APIError(400, "echo and logprobs are not supported with stream=true", "stream")
+    if body.logprobs is not None and generator.engine != "onnxruntime":
+        raise APIError(400, f"logprobs are not available with serve.engine={generator.engine} "
+                            "(the onnxruntime engine has them)", "logprobs")
     max_tokens = DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
     context = generator.context_length
     most = min(limits.max_tokens, context - 1)

@@ -333,6 +333,9 @@ class ServeConfig(Section):
     max_n: int = Field(4, gt=0, description="completions per prompt (n)")
     max_prompts: int = Field(8, gt=0, description="prompts in one request (prompt given as a list)")
     batch_size: int = Field(8, gt=0, le=256, description="choices generated together per model (decode steps shared)")
+    engine: Literal["onnxruntime", "genai"] = Field(
+        "onnxruntime", description="what generates: onnxruntime (decode steps shared by the batch) or genai "
+                                   "(onnxruntime-genai, one generator per choice; no logprobs)")
     max_queued: int = Field(32, ge=0, description="requests waiting for a place in the batch; more get 429")
     request_timeout_seconds: float = Field(60.0, gt=0, description="time per request, waiting included; then 504")
     api_key_env: str = Field("OPENLLM_API_KEY", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
@@ -369,6 +372,8 @@ class AppConfig(Section):
     cached_models: int = Field(
         4, gt=0, le=64, description="onnxruntime sessions kept in memory; the least recently used goes"
     )
+    engine: Literal["onnxruntime", "genai"] = Field(
+        "onnxruntime", description="what generates: onnxruntime, or genai (onnxruntime-genai)")
     registered_model: str | None = Field(
         None, pattern=r"^[A-Za-z0-9_.\-]+$", description="also list this MLflow registered model's versions"
     )

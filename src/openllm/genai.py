@@ -17,10 +17,8 @@ from typing import Any
 
 from .errors import OpenLLMError
 from .fileio import write_json
+from .genai_engine import GENAI_CONFIG, INT8_DIR
 from .huggingface import write_tokenizer_files
-
-GENAI_CONFIG = "genai_config.json"
-INT8_DIR = "int8"
 
 
 class GenaiError(OpenLLMError, RuntimeError):

@@ -35,6 +35,7 @@ from pydantic import ValidationError
 from .decode import DecodeBatch, Row, TextAssembler
 from .errors import OpenLLMError
 from .fileio import sha256_file
+from .genai_engine import ENGINES, GENAI_CONFIG, INT8_DIR, GenaiBatch, load_genai_model
 from .manifest import MANIFEST_FILE, ExportManifest, ManifestError, read_manifest
 from .registry import PREFIX as REGISTRY_PREFIX
 from .sampling import Sampling, one_line
@@ -112,13 +113,14 @@ class OnnxGenerator:
         self.registry_version: str | None = None  # the MLflow model version, when loaded from the registry
         self._token_bytes = _token_bytes(tokenizer)
         self._inputs, self._outputs = input_names(self.n_layer), output_names(self.n_layer)
+        self._genai: Any = None  # the onnxruntime-genai model when loaded with engine="genai"
 
     # --- loading -----------------------------------------------------------------------
 
     @classmethod
     def load(
         cls, path: str | Path, quantized: bool = False, threads: int = 0,
-        providers: Sequence[str] = ("CPUExecutionProvider",), spinning: bool = True,
+        providers: Sequence[str] = ("CPUExecutionProvider",), spinning: bool = True, engine: str = "onnxruntime",
     ) -> OnnxGenerator:
         """Load an export folder, or ``models:/<name>@<alias>`` / ``models:/<name>/<version>``.
 
@@ -127,9 +129,14 @@ class OnnxGenerator:
         ``spinning``: idle onnxruntime worker threads busy-wait for the next model call, which
         makes one generation faster (the wake-up of a sleeping thread costs more than a small
         model's layer). A server, whose HTTP threads need the same cores, turns it off.
+        ``engine``: ``"onnxruntime"`` (default) generates with the decode loop of
+        :mod:`openllm.decode`; ``"genai"`` with onnxruntime-genai on the export's genai folder
+        (:mod:`openllm.genai_engine`). Scoring always uses onnxruntime.
         """
+        if engine not in ENGINES:
+            raise ModelLoadError(f"engine={engine!r} must be one of {list(ENGINES)}")
         if str(path).startswith(REGISTRY_PREFIX):
-            return cls._load_registry(str(path), quantized, threads, providers, spinning)
+            return cls._load_registry(str(path), quantized, threads, providers, spinning, engine)
         folder = Path(path)
         if not folder.is_dir():
             raise ModelLoadError(f"{folder}: model folder not found (run `openllm export` first)")
@@ -162,13 +169,16 @@ class OnnxGenerator:
         if got != input_names(config["n_layer"]):
             raise ModelLoadError(f"{model_path}: unexpected inputs {got}")
         try:
-            return cls(session, tokenizer, config, str(model_path))
+            generator = cls(session, tokenizer, config, str(model_path))
         except (KeyError, TypeError, ValueError) as exc:  # e.g. invalid default sampling
             raise ModelLoadError(f"{folder}: invalid {CONFIG_FILE} ({exc})") from None
+        if engine == "genai":
+            generator._genai = _load_genai(folder / INT8_DIR if quantized else folder, threads)
+        return generator
 
     @classmethod
     def _load_registry(
-        cls, uri: str, quantized: bool, threads: int, providers: Sequence[str], spinning: bool
+        cls, uri: str, quantized: bool, threads: int, providers: Sequence[str], spinning: bool, engine: str
     ) -> OnnxGenerator:
         """Download a registered model's files (MLflow), load them, drop the download."""
         from . import registry  # MLflow only here: the registry is optional for serving
@@ -179,7 +189,7 @@ class OnnxGenerator:
                 folder = registry.download_export(registry.version_uri(registry.model_name(uri), version), Path(tmp))
             except registry.RegistryError as exc:
                 raise ModelLoadError(str(exc)) from None
-            generator = cls.load(folder, quantized, threads, providers, spinning)  # all in memory afterwards
+            generator = cls.load(folder, quantized, threads, providers, spinning, engine)  # all in memory afterwards
         generator.source = uri
         generator.registry_version = version
         return generator
@@ -301,8 +311,15 @@ class OnnxGenerator:
         """A row for :class:`openllm.decode.DecodeBatch` that also assembles its text."""
         return Row(list(prompt_ids), sampling, TextAssembler(self._token_bytes, stop, blocked), top_logprobs)
 
-    def decode_batch(self) -> DecodeBatch:
-        """An empty decode loop over this model (rows may join it at any step)."""
+    @property
+    def engine(self) -> str:
+        """What generates: "onnxruntime" (the decode loop here) or "genai" (onnxruntime-genai)."""
+        return "onnxruntime" if self._genai is None else "genai"
+
+    def decode_batch(self) -> DecodeBatch | GenaiBatch:
+        """An empty decode loop over this model (rows may join it at any step), on its engine."""
+        if self._genai is not None:
+            return GenaiBatch(self._genai, self.context_length, self.eos_id, self.vocab_size)
         return DecodeBatch(self.forward, self.context_length, self.eos_id)
 
     def _run(
@@ -373,6 +390,19 @@ class OnnxGenerator:
             total += float((log_z - picked).sum())
             count += B * length
         return total, count
+
+
+def _load_genai(folder: Path, threads: int) -> Any:
+    """The export's onnxruntime-genai model, or a :class:`ModelLoadError` that says why not."""
+    if not (folder / GENAI_CONFIG).is_file():
+        raise ModelLoadError(f"{folder}: no {GENAI_CONFIG}, so the genai engine cannot run it "
+                             "(export with export.genai: true)")
+    try:
+        return load_genai_model(folder, threads)
+    except ImportError:
+        raise ModelLoadError("the genai engine needs the onnxruntime-genai package") from None
+    except Exception as exc:  # onnxruntime-genai raises RuntimeError for bad folders
+        raise ModelLoadError(f"{folder}: onnxruntime-genai cannot load it ({str(exc).splitlines()[0]})") from None
 
 
 def _find(folder: Path, name: str) -> Path:

@@ -80,7 +80,7 @@ def find_exports(export_dir: Path = EXPORT_DIR) -> list[Path]:
 
 
 def load_models(
-    specs: Sequence[str] = (), export_dir: Path = EXPORT_DIR, quantized: bool = False
+    specs: Sequence[str] = (), export_dir: Path = EXPORT_DIR, quantized: bool = False, engine: str = "onnxruntime",
 ) -> dict[str, OnnxGenerator]:
     """Model id -> generator for each folder or ``models:/`` URI (default: every export)."""
     specs = list(specs) or [str(folder) for folder in find_exports(export_dir)]
@@ -94,7 +94,7 @@ def load_models(
         if name in models:
             raise ModelLoadError(f"two models would both be called {name!r}: serve folders with different names")
         # worker threads sleep between model calls: the HTTP threads need the same cores
-        models[name] = OnnxGenerator.load(spec, quantized=quantized, spinning=False)
+        models[name] = OnnxGenerator.load(spec, quantized=quantized, spinning=False, engine=engine)
     return models
 
 
@@ -244,7 +244,7 @@ def serve(specs: Sequence[str], limits: ServeConfig, quantized: bool = False) ->
 
     api_key = api_key_for(limits)
     open_files_for(limits.max_connections)
-    models = load_models(specs, quantized=quantized)
+    models = load_models(specs, quantized=quantized, engine=limits.engine)
     for name, generator in models.items():
         log.info("serving %s (%s, context %d tokens)", name, generator.source, generator.context_length)
     if api_key is None and limits.host not in LOOPBACK:
