@@ -145,12 +145,16 @@ def test_model_settings_are_validated_by_field() -> None:
 # --- exports -------------------------------------------------------------------------------------
 
 
-def lever_checkpoint(root: Path) -> Path:
+def lever_checkpoint(root: Path, levers: dict | None = None) -> Path:
     tokenizer_path = build_tokenizer(root / "tokenizer")
     torch.manual_seed(0)
     config = GPTConfig(vocab_size=load_tokenizer(tokenizer_path).vocab_size(), context_length=64, n_layer=2,
-                       n_head=4, n_embd=32, intermediate_size=64, **LEVERS)
+                       n_head=4, n_embd=32, intermediate_size=64, **(LEVERS if levers is None else levers))
     m = GPT(config)
+    with torch.no_grad():  # norm scales away from their initial ones, so that a wrong mapping shows
+        for name, p in m.named_parameters():
+            if p.dim() == 1:
+                p.uniform_(0.5, 1.5)
     meta = CheckpointMeta(
         step=10, tokens_seen=1, train_loss=5.0, val_loss=5.0, parameters=m.num_parameters(), params_sha256="0" * 64,
         resume_key="test", learning_rates_sha256="0" * 64, data_sha256="0" * 64,
@@ -169,10 +173,45 @@ def test_export_of_a_lever_model_checks_onnx_and_skips_hugging_face(tmp_path: Pa
     assert report["verification"]["max_abs_diff_logits"] <= 1e-4  # the export raises otherwise
     assert "int8" in report and "genai" in report  # the quantised model and onnxruntime-genai work too
     reason = ("model.qk_norm=True, model.logit_softcap=5.0, model.mlp=relu2, model.value_embeds=True has no "
-              "LlamaForCausalLM equivalent")
+              "LlamaForCausalLM or Qwen3ForCausalLM equivalent")
     assert report["huggingface"] == {"skipped": reason}
     assert not (out / HF_DIR).exists()
     assert f"export.huggingface skipped: {reason}" in caplog.text
+
+
+def test_a_qk_norm_model_exports_as_qwen3_for_transformers(tmp_path: Path) -> None:
+    """QK-norm alone is Qwen3's attention: the Hugging Face folder is a Qwen3ForCausalLM, checked by the export."""
+    import transformers
+
+    checkpoint = lever_checkpoint(tmp_path, {"qk_norm": True})
+    out = tmp_path / "export"
+    report = export_checkpoint(checkpoint, out, ExportConfig(register_model=False, quantize=False, genai=False),
+                               Sampling(), None)
+    assert report["huggingface"]["max_abs_diff_logits"] <= 1e-4  # transformers' logits against ours
+    config = transformers.AutoConfig.from_pretrained(out / HF_DIR)
+    assert config.architectures == ["Qwen3ForCausalLM"] and config.model_type == "qwen3"
+    card = (out / HF_DIR / "README.md").read_text(encoding="utf-8")
+    assert "`Qwen3ForCausalLM`" in card and "qwen3" in card
+    model = ckpt.load_model(checkpoint)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out / HF_DIR).eval()
+    ids = torch.tensor([[5, 9, 2, 30, 7]])
+    with torch.no_grad():
+        want = [int(t) for t in generate_greedy(model, ids, 8)]
+        got = hf.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None)[0, 5:].tolist()
+    assert got == want
+    with torch.no_grad():  # without its norms, Qwen3 computes something else: the check above can fail
+        for layer in hf.model.layers:
+            layer.self_attn.q_norm.weight.fill_(1.0)
+        assert not torch.allclose(hf(ids).logits, model(ids)[0], atol=1e-3)
+
+
+def generate_greedy(model: GPT, ids: torch.Tensor, new: int) -> list[int]:
+    out = []
+    for _ in range(new):
+        token = model(ids)[0][0, -1].argmax()
+        out.append(int(token))
+        ids = torch.cat([ids, token.view(1, 1)], dim=1)
+    return out
 
 
 # --- windows at document boundaries ---------------------------------------------------------------

@@ -128,7 +128,7 @@ class ModelConfig(Section):
     intermediate_size: int | None = Field(None, gt=0, le=262144, description="SwiGLU hidden width")
     context_length: int | None = Field(None, gt=1, le=1 << 20, description="tokens the model attends over")
     rope_theta: float = Field(10_000.0, gt=0, description="base of the rotary position frequencies")
-    # Research levers (off by default); a model with any of them on has no Hugging Face export.
+    # Research levers (off by default); any of them but qk_norm on means no Hugging Face export.
     qk_norm: bool = Field(False, description="RMSNorm on each head's query and key before the rotary embedding")
     logit_softcap: float | None = Field(
         None, gt=0, description="soft-cap the output logits: cap x tanh(logits / cap); null = off")

@@ -17,7 +17,7 @@
   (onnxruntime, onnxruntime-genai), int8 quality and speed, the Hugging Face checks, the MLflow
   model version.
 - ``hf/`` (``export.huggingface``) — a folder transformers 4 and 5 load as ``LlamaForCausalLM``
-  (:mod:`openllm.huggingface`).
+  (``Qwen3ForCausalLM`` with ``model.qk_norm``; :mod:`openllm.huggingface`).
 
 Every check fails loudly with :class:`ExportError`; the folder is written atomically, so a
 failed export leaves nothing behind. With ``export.register_model`` the folder is logged to the

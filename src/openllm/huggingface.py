@@ -1,5 +1,9 @@
 """The export's Hugging Face folder (``hf/``): a ``LlamaForCausalLM`` that transformers 4 and 5 load.
 
+A model with ``model.qk_norm`` (and no other lever) is a ``Qwen3ForCausalLM`` instead: Qwen3 is
+the Llama layout plus an RMSNorm on each head's query and key before the rotary embedding,
+which is what ``qk_norm`` adds.
+
 Written by :mod:`openllm.export` and checked there against the PyTorch model: config and
 generation config, safetensors weights (a pure rename, see :func:`openllm.model.hf_weight_names`),
 ``tokenizer.json`` equal to our SentencePiece model, a tokenizer config both transformers 4.x
@@ -25,13 +29,20 @@ from .tokenizer import BOS_ID, EOS_ID, UNK_ID
 HF_DIR = "hf"
 
 
-def hf_unsupported(config) -> str | None:
-    """Why a model has no Llama equivalent (its research levers, by field), or None when it has one."""
+def hf_architecture(config) -> str | None:
+    """The transformers class that computes what our model does, or None when there is none."""
     levers = config.levers()
     if not levers:
+        return "LlamaForCausalLM"
+    return "Qwen3ForCausalLM" if levers == {"qk_norm": True} else None
+
+
+def hf_unsupported(config) -> str | None:
+    """Why a model has no Hugging Face equivalent (its research levers, by field), or None when it has one."""
+    if hf_architecture(config):
         return None
-    named = ", ".join(f"model.{name}={value}" for name, value in levers.items())
-    return f"{named} has no LlamaForCausalLM equivalent"
+    named = ", ".join(f"model.{name}={value}" for name, value in config.levers().items())
+    return f"{named} has no LlamaForCausalLM or Qwen3ForCausalLM equivalent"
 MAX_ABS_DIFF = 1e-4  # transformers vs our logits
 LICENSE = "gpl-3.0"  # the project's license (GPL-3.0-only), for the model card
 
@@ -104,27 +115,35 @@ def write_tokenizer_files(tokenizer_path: Path, folder: Path, context_length: in
 
 def write_hf_folder(model: GPT, tokenizer_path: Path, folder: Path, sampling: Sampling,
                     card_facts: dict[str, Any]) -> None:
-    """A ``LlamaForCausalLM`` folder: config, generation config, weights, tokenizer, model card."""
+    """A ``LlamaForCausalLM`` (or ``Qwen3ForCausalLM``) folder: config, generation config, weights,
+    tokenizer, model card."""
     import transformers
     from safetensors.torch import save_file
 
     c = model.config
+    architecture = hf_architecture(c)
+    if architecture is None:
+        raise HuggingFaceError(hf_unsupported(c))
     folder.mkdir()
-    transformers.LlamaConfig(
+    shape = dict(
         vocab_size=c.vocab_size, hidden_size=c.n_embd, intermediate_size=c.intermediate_size,
         num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_head,
         head_dim=c.head_dim, max_position_embeddings=c.context_length, rms_norm_eps=c.norm_eps,
-        rope_theta=c.rope_theta, hidden_act="silu", attention_bias=False, mlp_bias=False,
+        rope_theta=c.rope_theta, hidden_act="silu", attention_bias=False,
         tie_word_embeddings=True, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=EOS_ID,
-        architectures=["LlamaForCausalLM"], dtype="float32",
-    ).save_pretrained(folder)
+        architectures=[architecture], dtype="float32",
+    )
+    if architecture == "Qwen3ForCausalLM":
+        transformers.Qwen3Config(**shape, use_sliding_window=False).save_pretrained(folder)
+    else:
+        transformers.LlamaConfig(**shape, mlp_bias=False).save_pretrained(folder)
     transformers.GenerationConfig(
         bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=EOS_ID, do_sample=sampling.temperature > 0,
         temperature=sampling.temperature or None, top_k=sampling.top_k or None, top_p=sampling.top_p,
         max_new_tokens=sampling.max_new_tokens,
     ).save_pretrained(folder)
     # Tied weights: transformers expects only the embedding and re-ties lm_head itself.
-    names = hf_weight_names(c.n_layer)
+    names = hf_weight_names(c.n_layer, c.qk_norm)
     weights = {names[k]: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
     save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
     shutil.copyfile(tokenizer_path, folder / "tokenizer.model")
@@ -140,18 +159,20 @@ def model_card(model: GPT, sampling: Sampling, facts: dict[str, Any]) -> str:
         value = facts.get(key)
         return format(value, fmt) if isinstance(value, (int, float)) else "not measured"
 
+    layout_extra = ", an RMSNorm on each head's query and key as in Qwen3" if c.qk_norm else ""
+
     return f"""---
 license: {LICENSE}
 library_name: transformers
 pipeline_tag: text-generation
-tags: [openllm, llama, onnx]
+tags: [openllm, {"qwen3" if c.qk_norm else "llama"}, onnx]
 ---
 
 # OpenLLM checkpoint, step {facts.get('step', '?')}
 
 A small decoder-only language model trained from scratch with OpenLLM, in the Llama layout
-(RMSNorm, rotary embeddings, SwiGLU, tied embeddings), so transformers loads it as
-`LlamaForCausalLM`.
+(RMSNorm, rotary embeddings, SwiGLU, tied embeddings{layout_extra}), so transformers loads it as
+`{hf_architecture(c)}`.
 
 | | |
 |---|---|

@@ -37,7 +37,8 @@ class GPTConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     # Research levers, off by default. Any of them on gives a model the Llama layout cannot
-    # represent (see ``LEVER_DEFAULTS``): the ONNX export still works, the Hugging Face one is skipped.
+    # represent (see ``LEVER_DEFAULTS``): the ONNX export still works; the Hugging Face one is a
+    # Qwen3 model for qk_norm alone, and is skipped otherwise.
     qk_norm: bool = False  # RMSNorm on each head's query and key, before the rotary embedding
     logit_softcap: float | None = None  # logits -> cap * tanh(logits / cap)
     mlp: str = "swiglu"  # "swiglu" or "relu2" (down(relu(up(x))^2), no gate)
@@ -102,8 +103,9 @@ MLP_KINDS = ("swiglu", "relu2")
 LEVER_DEFAULTS: dict[str, Any] = {"qk_norm": False, "logit_softcap": None, "mlp": "swiglu", "value_embeds": False}
 
 
-def hf_weight_names(n_layer: int) -> dict[str, str]:
-    """Map our state-dict names to Hugging Face ``LlamaForCausalLM`` names.
+def hf_weight_names(n_layer: int, qk_norm: bool = False) -> dict[str, str]:
+    """Map our state-dict names to Hugging Face ``LlamaForCausalLM`` names (``Qwen3ForCausalLM``
+    with ``qk_norm``: the same names plus each attention's ``q_norm`` and ``k_norm``).
 
     ``lm_head.weight`` and ``tok_embeddings.weight`` are the same tensor (tied);
     both names are listed because both appear in ``state_dict()``.
@@ -112,7 +114,7 @@ def hf_weight_names(n_layer: int) -> dict[str, str]:
     for i in range(n_layer):
         ours, hf = f"layers.{i}", f"model.layers.{i}"
         names[f"{ours}.attn_norm.weight"] = f"{hf}.input_layernorm.weight"
-        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj") + (("q_norm", "k_norm") if qk_norm else ()):
             names[f"{ours}.attn.{proj}.weight"] = f"{hf}.self_attn.{proj}.weight"
         names[f"{ours}.mlp_norm.weight"] = f"{hf}.post_attention_layernorm.weight"
         for proj in ("gate_proj", "up_proj", "down_proj"):
