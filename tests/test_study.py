@@ -164,6 +164,17 @@ def test_a_cell_trains_the_same_on_a_rerun(tmp_path: Path) -> None:
     (third, _), (fourth, _) = (run_cell(study, levers, tmp_path / "data" / "tokenized") for _ in range(2))
     assert third == fourth and third["cell"]["levers"] == levers.levers and third["model"]["mlp"] == "relu2"
     assert third["val_bits_per_byte"] != first["val_bits_per_byte"] and third["parameters"] < first["parameters"]
+    # score.sliding_stride adds the overlapping-window figure and its protocol; training is unchanged
+    sliding = load_study(write_study(tmp_path / "sliding.yaml", TINY_STUDY | {
+        "score": {**TINY_STUDY["score"], "sliding_stride": 0.5}}))
+    fifth, _ = run_cell(sliding, cell, tmp_path / "data" / "tokenized")
+    assert fifth["val_bits_per_byte"] == first["val_bits_per_byte"] and "val_bits_per_byte_sliding" not in first
+    assert fifth["val_sliding_protocol"] == fifth["val_protocol"] | {"stride": 16}
+    assert math.isfinite(fifth["val_bits_per_byte_sliding"])
+    assert fifth["val_bits_per_byte_sliding"] != fifth["val_bits_per_byte"]
+    table = table_stage().table_markdown([first, fifth], study_fits([first, fifth]))
+    assert f"| {fifth['val_bits_per_byte_sliding']:.4f} |" in table and "| – |" in table
+    assert "windows of 32 tokens, stride 16, every token scored once with at least 16 tokens before it" in table
 
 
 @pytest.mark.parametrize("stage, script", [("cell", "cell"), ("lever", "cell"), ("table", "table")])

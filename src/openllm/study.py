@@ -55,6 +55,9 @@ class ShapeConfig(Section):
 class ScoreConfig(Section):
     batch_size: int = Field(8, gt=0, description="validation windows per forward pass")
     max_tokens: int | None = Field(None, gt=1, description="score only the first N validation tokens; null = all")
+    sliding_stride: float | None = Field(
+        None, gt=0, le=1, description="also score with overlapping windows a fraction of the context apart, as "
+                                      "evaluate.sliding_stride does (e.g. 0.5); null = only consecutive windows")
 
 
 Positive = Annotated[int | float, Field(gt=0)]
@@ -311,14 +314,18 @@ def score_validation(model, tokenized_dir: Path, meta: dict[str, Any], cfg: Scor
         tokens = np.asarray(tokens[: cfg.max_tokens])
         text_bytes = len(load_tokenizer(tokenized_dir / meta["tokenizer"]).decode(tokens.tolist()).encode("utf-8"))
     context = model.config.context_length
+    stride = max(1, round(context * cfg.sliding_stride)) if cfg.sliding_stride else None
     model.eval()
     with setup.autocast():
         total, count = token_nats(model, tokens, cfg.batch_size)
+        sliding = token_nats(model, tokens, cfg.batch_size, stride=stride)[0] if stride else None
     figures = language_metrics(total, count, text_bytes)
+    scope = "first " + str(len(tokens)) if capped else "all"
     return {"val_bits_per_byte": figures["bits_per_byte"], "val_loss": figures["loss"], "val_tokens": count,
-            "val_bytes": text_bytes,
-            "val_protocol": {"window": context, "stride": context, "tokens": "first " + str(len(tokens))
-                             if capped else "all"}}
+            "val_bytes": text_bytes, "val_protocol": {"window": context, "stride": context, "tokens": scope},
+            **({} if stride is None else {
+                "val_bits_per_byte_sliding": language_metrics(sliding, count, text_bytes)["bits_per_byte"],
+                "val_sliding_protocol": {"window": context, "stride": stride, "tokens": scope}})}
 
 
 # --- MLflow: one study run, a child run per cell ---------------------------------------------------

@@ -21,18 +21,25 @@ from openllm.study import collect_results, grid_cells, load_study, log_study_fil
 
 def table_markdown(rows: list[dict[str, Any]], fits: dict[str, dict[str, float] | None]) -> str:
     """One row per cell, best first, then the protocol and the fitted power laws."""
+    sliding = any("val_bits_per_byte_sliding" in r for r in rows)
     lines = ["| cell | TFLOPs | layers | width | parameters | optimizer | lr | schedule | batch | steps | tokens "
-             "| val bits/byte |", "|" + " --- |" * 12]
+             "| val bits/byte |" + (" sliding |" if sliding else ""), "|" + " --- |" * (13 if sliding else 12)]
     for r in sorted(rows, key=lambda r: (r.get("val_bits_per_byte") is None, r.get("val_bits_per_byte") or 0)):
         c, bpb = r["cell"], r.get("val_bits_per_byte")
         lines.append(f"| {r['name']} | {c['tflops']:g} | {c['n_layer']} | {c['n_embd']} | {r['parameters']:,} "
                      f"| {c['optimizer']} | {c['learning_rate']:g} | {c['schedule']} | {c['batch_size']} "
-                     f"| {r['steps']:,} | {r['tokens']:,} | {'diverged' if bpb is None else f'{bpb:.4f}'} |")
+                     f"| {r['steps']:,} | {r['tokens']:,} | {'diverged' if bpb is None else f'{bpb:.4f}'} |"
+                     + (f" {r['val_bits_per_byte_sliding']:.4f} |" if "val_bits_per_byte_sliding" in r
+                        else " – |" if sliding else ""))
     if rows:
         p = rows[0]["val_protocol"]
         lines += ["", f"Scored on the validation split ({p['tokens']} tokens): consecutive windows of {p['window']} "
                       f"tokens, stride {p['stride']}. Budget: model training FLOPs "
                       "(6 x non-embedding parameters and head + attention, per token)."]
+        if sliding:
+            q = next(r["val_sliding_protocol"] for r in rows if "val_sliding_protocol" in r)
+            lines.append(f"Sliding: windows of {q['window']} tokens, stride {q['stride']}, every token scored once "
+                         f"with at least {q['window'] - q['stride']} tokens before it.")
     lines += ["", "| power law | a | exponent | R² |", "| --- | --- | --- | --- |"]
     for label, fit in fits.items():
         lines.append(f"| bits/byte vs {label} | " + (f"{fit['a']:.4g} | {fit['b']:.4f} | {fit['r2']:.3f} |"
