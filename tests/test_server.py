@@ -140,6 +140,15 @@ def busy(url: str) -> int:
     return httpx.get(f"{url}/health").json()["generations"]
 
 
+def at_once(count: int, ask: Callable[[int], None]) -> None:
+    """Call ``ask(0)`` .. ``ask(count - 1)`` in threads started together; wait for them all."""
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+
+
 def openai_client(url: str, **options: Any) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{url}/v1", **{"api_key": "unused", "max_retries": 0, "timeout": 30, **options})
 
@@ -437,11 +446,7 @@ def test_concurrent_requests_share_steps_and_keep_their_seeded_text(generators: 
                                                            temperature=1.0, seed=100 + i).choices[0].text
 
     with live({"step-10": slow}, batch_size=8) as url:
-        threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(60)
+        at_once(8, ask)
     generator = generators["step-10"]
     for i, prompt in enumerate(prompts):
         assert results[i] == generator.generate(prompt, generator.sampling(temperature=1.0, max_new_tokens=20,
@@ -712,11 +717,7 @@ def test_the_genai_engine_serves_concurrent_requests(exports: dict[str, Path], g
             results[i] = openai_client(base_url).completions.create(model="step-10", prompt=prompts[i], max_tokens=20,
                                                                     temperature=0.0).choices[0]
 
-        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(60)
+        at_once(len(prompts), ask)
         generator = generators["step-10"]
         for i, prompt in enumerate(prompts):
             expected = generator.generate(prompt, generator.sampling(temperature=0.0, max_new_tokens=20))
