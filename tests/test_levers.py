@@ -133,7 +133,7 @@ def test_kv_cache_decoding_matches_a_full_pass_with_every_lever() -> None:
 
 
 def test_model_settings_are_validated_by_field() -> None:
-    assert ModelConfig().qk_norm is False and ModelConfig().logit_softcap is None and ModelConfig().mlp == "swiglu"
+    assert ModelConfig().qk_norm is True and ModelConfig().logit_softcap is None and ModelConfig().mlp == "swiglu"
     for field, value in [("logit_softcap", 0), ("mlp", "gelu"), ("value_embeds", "yes")]:
         with pytest.raises(ValidationError, match=field):
             ModelConfig(**{field: value})
@@ -262,7 +262,7 @@ def test_weight_average_follows_its_formula_and_stands_in_only_while_applied() -
 def test_ema_checkpoints_hold_the_average_and_a_resumed_run_is_bit_exact(
         tmp_path: Path, tokenized: Path, monkeypatch, train_log) -> None:  # noqa: F811  (imported fixtures)
     project, plain = Project(tmp_path / "ema", tokenized), Project(tmp_path / "plain", tokenized)
-    plain.train(monkeypatch)
+    plain.train(monkeypatch, ema_decay=None)  # the average off (on by default)
     project.train(monkeypatch, ema_decay=0.9)
     full = project.weights()
     assert full["step-20"] != plain.weights()["step-20"]

@@ -172,7 +172,7 @@ def test_load_models_names_and_errors(exports: dict[str, Path], tmp_path: Path, 
         load_models(export_dir=tmp_path / "nothing")
     # Registry models keep their URI as id (the registry itself is tested in test_runtime.py).
     assert model_id("models:/openllm@best") == "models:/openllm@best"
-    monkeypatch.setattr(OnnxGenerator, "load", lambda spec, quantized=False, spinning=True: f"{spec} {spinning}")
+    monkeypatch.setattr(OnnxGenerator, "load", lambda spec, quantized=False, spinning=True, engine="onnxruntime": f"{spec} {spinning}")
     assert load_models(["models:/openllm/3"]) == {"models:/openllm/3": "models:/openllm/3 False"}  # threads sleep
 
 

@@ -129,7 +129,7 @@ class ModelConfig(Section):
     context_length: int | None = Field(None, gt=1, le=1 << 20, description="tokens the model attends over")
     rope_theta: float = Field(10_000.0, gt=0, description="base of the rotary position frequencies")
     # Research levers (off by default); any of them but qk_norm on means no Hugging Face export.
-    qk_norm: bool = Field(False, description="RMSNorm on each head's query and key before the rotary embedding")
+    qk_norm: bool = Field(True, description="RMSNorm on each head's query and key before the rotary embedding")
     logit_softcap: float | None = Field(
         None, gt=0, description="soft-cap the output logits: cap x tanh(logits / cap); null = off")
     mlp: Literal["swiglu", "relu2"] = Field(
@@ -201,7 +201,7 @@ class TrainConfig(Section):
     seed: int = Field(1337, ge=0, le=MAX_SEED, description="model initialisation and data order")
     sample_tokens: int = Field(48, ge=0, description="tokens sampled at each evaluation")
     ema_decay: float | None = Field(
-        None, gt=0, lt=1, description="keep an exponential moving average of the weights (fp32) with this decay; "
+        0.999, gt=0, lt=1, description="keep an exponential moving average of the weights (fp32) with this decay; "
                                       "checkpoints and evaluations use it; null = off")
     window_start: Literal["random", "document"] = Field(
         "random", description="where training windows start: any token, or the first token of a document")

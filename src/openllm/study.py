@@ -200,7 +200,8 @@ def train_config(study: StudyConfig, cell: Cell, steps: int) -> TrainConfig:
                          "the warmup (raise grid.tflops or lower train.warmup_steps)")
     levers = parse_levers(cell.levers)["train"] if cell.levers else {}
     try:
-        return TrainConfig(**(study.train | levers), max_steps=steps, checkpoint_steps=[steps], optimizer=cell.optimizer,
+        # every lever off unless the cell turns it on (params.yaml's defaults turn the average on)
+        return TrainConfig(**({"ema_decay": None} | study.train | levers), max_steps=steps, checkpoint_steps=[steps], optimizer=cell.optimizer,
                            learning_rate=cell.learning_rate, min_learning_rate=cell.learning_rate * study.min_lr_ratio,
                            schedule=cell.schedule, batch_size=cell.batch_size)
     except ValidationError as exc:
