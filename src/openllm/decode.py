@@ -224,6 +224,15 @@ def _concat(arrays: list[Any]) -> Any:
     return torch.cat(arrays, dim=0)
 
 
+def set_budgets(rows: Sequence[Row], context_length: int) -> None:
+    """Check every prompt fits the context with room for a token, then give each row its budget."""
+    for row in rows:
+        if not 0 < len(row.prompt) < context_length:
+            raise ValueError(f"a prompt must hold 1 to {context_length - 1} tokens, not {len(row.prompt)}")
+    for row in rows:
+        row.budget = min(row.sampling.max_new_tokens, context_length - len(row.prompt))
+
+
 class DecodeBatch:
     """The rows being generated together; :meth:`add` lets rows join, :meth:`step` advances all.
 
@@ -241,10 +250,7 @@ class DecodeBatch:
 
     def add(self, rows: Sequence[Row]) -> None:
         """Read the prompts of ``rows`` (one model call for all of them) and let them join."""
-        for row in rows:
-            if not 0 < len(row.prompt) < self.context_length:
-                raise ValueError(f"a prompt must hold 1 to {self.context_length - 1} tokens, not {len(row.prompt)}")
-            row.budget = min(row.sampling.max_new_tokens, self.context_length - len(row.prompt))
+        set_budgets(rows, self.context_length)
         ids, mask, positions = left_pad([row.prompt for row in rows])
         logits, past = self.forward(ids, mask, positions, None)
         if not self.rows:

@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from .decode import set_budgets
+
 if TYPE_CHECKING:
     from .decode import Row
 
@@ -56,13 +58,10 @@ class GenaiBatch:
         """Start a generator for each row and read its prompt."""
         import onnxruntime_genai as og
 
-        for row in rows:  # all checked before any starts
-            if not 0 < len(row.prompt) < self.context_length:
-                raise ValueError(f"a prompt must hold 1 to {self.context_length - 1} tokens, not {len(row.prompt)}")
-            if row.top_logprobs is not None:
-                raise ValueError("log-probabilities are not available with the genai engine")
+        if any(row.top_logprobs is not None for row in rows):  # all checked before any starts
+            raise ValueError("log-probabilities are not available with the genai engine")
+        set_budgets(rows, self.context_length)
         for row in rows:
-            row.budget = min(row.sampling.max_new_tokens, self.context_length - len(row.prompt))
             params = og.GeneratorParams(self.model)
             params.set_search_options(**search_options(row, self.vocab_size))
             generator = og.Generator(self.model, params)
@@ -78,13 +77,6 @@ class GenaiBatch:
                 row._push(int(generator.get_next_tokens()[0]), self.eos_id)
         kept = [(r, g) for r, g in zip(self.rows, self._generators) if r.finish is None]
         self.rows, self._generators = [r for r, _ in kept], [g for _, g in kept]
-
-    def run(self, rows: Sequence[Row]) -> list[Row]:
-        """Generate ``rows`` to the end (no others joining); returns them."""
-        self.add(rows)
-        while self.rows:
-            self.step()
-        return list(rows)
 
 
 def search_options(row: Row, vocab_size: int) -> dict[str, Any]:
