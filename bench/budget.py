@@ -7,12 +7,13 @@ length fitted to the budget from the speed of the first steps (compilation time 
 the budget). Then scores it as the study and the evaluate stage do (consecutive windows of the
 context length over the whole validation split; the protocol is in the output) and prints one
 JSON line. ``--baseline`` also trains the character-level baseline (bench/char_baseline.py) for
-the same time and scores it on the whole validation text.
+the same time and scores it on the whole validation text. The research levers params.yaml turns on
+(QK-norm and the weight average by default) are on unless ``--levers`` names others ('' for none).
 
 A budget in seconds depends on the machine and on its load; studies/budget/ (a DVC pipeline)
 compares settings at a budget of FLOPs instead, with every cell cached.
 
-    python bench/budget.py --seconds 540 --compile [--preset micro] [--n-embd 192] [--optimizer adamw]
+    python bench/budget.py --seconds 540 --compile [--preset micro] [--n-embd 192] [--optimizer adamw] [--levers '']
 """
 
 from __future__ import annotations
@@ -25,9 +26,23 @@ from pathlib import Path
 import pydantic
 
 from char_baseline import train_and_score
-from openllm.config import MODEL_PRESETS
+from openllm.config import MODEL_PRESETS, Params, load_params
+from openllm.levers import LEVER_SECTIONS
 from openllm.schedule import Schedule
 from openllm.study import Cell, CellTrainer, ScoreConfig, ShapeConfig, StudyConfig, StudyError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def params_levers(params: Params) -> str:
+    """The research levers params.yaml turns on, as a study entry ("qk_norm+ema_decay=0.999"; "" for none)."""
+    off = {"qk_norm": False, "logit_softcap": None, "mlp": "swiglu", "value_embeds": False, "ema_decay": None,
+           "window_start": "random"}  # every lever off: the model and training before the levers existed
+    parts = []
+    for name, section in LEVER_SECTIONS.items():
+        if name in off and (value := getattr(getattr(params, section), name)) != off[name]:
+            parts.append(name if value is True else f"{name}={value}")
+    return "+".join(parts)
 
 
 def parse_args() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
@@ -47,8 +62,13 @@ def parse_args() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--schedule", choices=["wsd", "cosine"], default="wsd")
     parser.add_argument("--decay-fraction", type=float, default=0.2, help="wsd: share of the steps spent decaying")
+    parser.add_argument("--levers", default=None,
+                        help="research levers as a study entry, e.g. 'qk_norm+ema_decay=0.999'; '' = none "
+                             "(default: those params.yaml turns on)")
     parser.add_argument("--baseline", action="store_true", help="also train the character-level baseline")
     args = parser.parse_args()
+    if args.levers is None:
+        args.levers = params_levers(load_params(ROOT / "params.yaml"))
     if args.seconds <= 0:
         parser.error(f"--seconds must be positive, got {args.seconds}")
     if not (args.data / "meta.json").is_file():
@@ -56,22 +76,43 @@ def parse_args() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     return parser, args
 
 
+def make_trainer(shape: dict, data: Path, *, optimizer: str, learning_rate: float, min_lr_ratio: float,
+                 batch_size: int, weight_decay: float, warmup_steps: int, compile: str, schedule: str,
+                 decay_fraction: float, levers: str) -> CellTrainer:
+    """A cell trainer for one model shape and training setup (raises StudyError or ValueError).
+
+    ``compile`` is train.compile's value: "true", "false" or "auto"."""
+    if shape["n_embd"] % shape["n_head"]:
+        raise StudyError(f"model shape: n_embd={shape['n_embd']} must be divisible by n_head={shape['n_head']}")
+    study = StudyConfig(
+        model=ShapeConfig(context_length=shape["context_length"], head_dim=shape["n_embd"] // shape["n_head"],
+                          mlp_ratio=shape["intermediate_size"] / shape["n_embd"]),
+        train={"weight_decay": weight_decay, "warmup_steps": warmup_steps,
+               "compile": compile, "decay_fraction": decay_fraction},
+        min_lr_ratio=min_lr_ratio)
+    cell = Cell(0, shape["n_layer"], shape["n_embd"], optimizer, learning_rate, schedule, batch_size, levers)
+    return CellTrainer(study, cell, data, steps=10**9)  # the peak until the speed is known
+
+
+def params_trainer(params: Params, data: Path) -> CellTrainer:
+    """A cell trainer with the main pipeline's model and training settings (params.yaml)."""
+    t = params.train
+    return make_trainer(params.model.resolved(), data, optimizer=t.optimizer, learning_rate=t.learning_rate,
+                        min_lr_ratio=t.min_learning_rate / t.learning_rate, batch_size=t.batch_size,
+                        weight_decay=t.weight_decay, warmup_steps=t.warmup_steps, compile=t.compile,
+                        schedule=t.schedule, decay_fraction=t.decay_fraction, levers=params_levers(params))
+
+
 def build_trainer(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[dict, CellTrainer]:
     """The model shape (the preset with the command line's overrides) and its cell trainer."""
     shape = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in MODEL_PRESETS[args.preset].items()}
-    if shape["n_embd"] % shape["n_head"]:
-        parser.error(f"model shape: n_embd={shape['n_embd']} must be divisible by n_head={shape['n_head']}")
     try:
-        study = StudyConfig(
-            model=ShapeConfig(context_length=shape["context_length"], head_dim=shape["n_embd"] // shape["n_head"],
-                              mlp_ratio=shape["intermediate_size"] / shape["n_embd"]),
-            train={"weight_decay": args.weight_decay, "warmup_steps": args.warmup_steps,
-                   "compile": "true" if args.compile else "false", "decay_fraction": args.decay_fraction},
-            min_lr_ratio=args.min_lr_ratio)
-        cell = Cell(0, shape["n_layer"], shape["n_embd"], args.optimizer, args.learning_rate, args.schedule,
-                    args.batch_size)
-        return shape, CellTrainer(study, cell, args.data, steps=10**9)  # the peak until the speed is known
-    except (pydantic.ValidationError, StudyError) as error:
+        return shape, make_trainer(
+            shape, args.data, optimizer=args.optimizer, learning_rate=args.learning_rate,
+            min_lr_ratio=args.min_lr_ratio, batch_size=args.batch_size, weight_decay=args.weight_decay,
+            warmup_steps=args.warmup_steps, compile="true" if args.compile else "false", schedule=args.schedule,
+            decay_fraction=args.decay_fraction, levers=args.levers)
+    except (pydantic.ValidationError, StudyError, ValueError) as error:
         parser.error(str(error))
 
 

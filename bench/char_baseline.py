@@ -1,7 +1,8 @@
 """A character-level GPT in the style of nanoGPT's Shakespeare recipe, as a quality baseline.
 
 Learned absolute positions, LayerNorm, GELU MLP, one token per character: the usual first
-model people train. ``train_for(seconds)`` trains it on the same split OpenLLM uses for a fixed
+model people train, initialised and regularised as nanoGPT does (weights N(0, 0.02), the residual
+projections scaled by 1/sqrt(2 x layers), zero biases, weight decay on matrices only). ``train_for(seconds)`` trains it on the same split OpenLLM uses for a fixed
 wall-clock budget; ``train_recipe`` trains it the way nanoGPT's README runs it on a CPU (this
 shape, batch 12, 2,000 iterations, learning rate 1e-3 decaying to 1e-4), timed;
 ``bits_per_byte`` scores either the same way OpenLLM is scored.
@@ -61,6 +62,18 @@ class CharGPT(nn.Module):
         self.ln = nn.LayerNorm(cfg.n_embd)
         self.head = nn.Linear(cfg.n_embd, vocab_size, bias=False)
         self.head.weight = self.token.weight
+        self.apply(self._init)
+        for block in self.blocks:  # the two projections into the residual stream, scaled down by depth
+            for layer in (block.proj, block.mlp[2]):
+                nn.init.normal_(layer.weight, 0.0, 0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init(module: nn.Module) -> None:
+        """nanoGPT's initialisation: N(0, 0.02) weights and embeddings, zero biases."""
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, 0.0, 0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(idx.shape[1], device=idx.device)
@@ -96,7 +109,10 @@ def train_for(seconds: float, train_text: str, cfg: CharConfig = CharConfig(), s
     torch.manual_seed(seed)
     data = CharData(train_text)
     model = CharGPT(cfg, data.vocab_size)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, betas=(0.9, 0.99), weight_decay=0.1)
+    matrices = [p for p in model.parameters() if p.dim() >= 2]  # weight decay on these only, as nanoGPT does
+    others = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": matrices, "weight_decay": 0.1}, {"params": others, "weight_decay": 0.0}],
+                                  lr=cfg.learning_rate, betas=(0.9, 0.99))
     generator = torch.Generator().manual_seed(seed)
     started, step = time.perf_counter(), 0
     planned = total_steps or 10**9

@@ -576,13 +576,24 @@ def test_changed_training_param_trains_from_scratch(project: Project, monkeypatc
 
 
 def poison(folder: Path, tensor: str = "norm.weight") -> None:
-    """Set one weight tensor of a checkpoint to NaN and re-seal the folder (COMPLETE)."""
+    """Set one weight tensor of a checkpoint to NaN and re-seal the folder (COMPLETE).
+
+    With the weight average on (the default), the checkpoint's weights are the average and a
+    resumed run trains on from the live weights in its training state: both are poisoned.
+    """
     path = folder / ckpt.WEIGHTS
     with safe_open(str(path), "pt") as f:
         metadata = f.metadata()
     tensors = load_file(str(path))
     tensors[tensor] = torch.full_like(tensors[tensor], float("nan"))
     save_file(tensors, str(path), metadata=metadata)
+    structure = dict(json.loads((folder / ckpt.STATE_JSON).read_text())["__dict__"])
+    if "ema" in structure:
+        live = dict(dict(structure["ema"]["__dict__"])["live_weights"]["__dict__"])
+        state = load_file(str(folder / ckpt.STATE_TENSORS))
+        key = live[tensor]["__tensor__"]
+        state[key] = torch.full_like(state[key], float("nan"))
+        save_file(state, str(folder / ckpt.STATE_TENSORS))
     rewrite_complete(folder)
 
 
