@@ -31,7 +31,7 @@ exp-show: setup  ## compare experiments: the summary metrics and the params that
 	dvc exp show --only-changed --drop 'Created|State|Executor|.*perplexity|.*tokens_seen' --precision 4
 
 test: setup  ## the test suite (tiny models, real DVC/MLflow/Prefect/onnxruntime)
-	python -m pytest
+	python -m pytest --durations=15
 
 results: setup  ## write the results table of the last `make run` into README.md
 	python -m openllm report --readme README.md
