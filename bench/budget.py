@@ -28,6 +28,7 @@ import pydantic
 from char_baseline import train_and_score
 from openllm.config import MODEL_PRESETS, Params, load_params
 from openllm.levers import LEVER_SECTIONS
+from openllm.model import LEVER_DEFAULTS
 from openllm.schedule import Schedule
 from openllm.study import Cell, CellTrainer, ScoreConfig, ShapeConfig, StudyConfig, StudyError
 
@@ -36,8 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def params_levers(params: Params) -> str:
     """The research levers params.yaml turns on, as a study entry ("qk_norm+ema_decay=0.999"; "" for none)."""
-    off = {"qk_norm": False, "logit_softcap": None, "mlp": "swiglu", "value_embeds": False, "ema_decay": None,
-           "window_start": "random"}  # every lever off: the model and training before the levers existed
+    # every lever off: the model and training before the levers existed
+    off = LEVER_DEFAULTS | {"ema_decay": None, "window_start": "random"}
     parts = []
     for name, section in LEVER_SECTIONS.items():
         if name in off and (value := getattr(getattr(params, section), name)) != off[name]:

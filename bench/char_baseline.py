@@ -2,10 +2,11 @@
 
 Learned absolute positions, LayerNorm, GELU MLP, one token per character: the usual first
 model people train, initialised and regularised as nanoGPT does (weights N(0, 0.02), the residual
-projections scaled by 1/sqrt(2 x layers), zero biases, weight decay on matrices only). ``train_for(seconds)`` trains it on the same split OpenLLM uses for a fixed
-wall-clock budget; ``train_recipe`` trains it the way nanoGPT's README runs it on a CPU (this
-shape, batch 12, 2,000 iterations, learning rate 1e-3 decaying to 1e-4), timed;
-``bits_per_byte`` scores either the same way OpenLLM is scored.
+projections scaled by 1/sqrt(2 x layers), zero biases, weight decay on matrices only).
+``train_for(seconds)`` trains it on the same split OpenLLM uses for a fixed wall-clock budget;
+``train_recipe`` trains it the way nanoGPT's README runs it on a CPU (this shape, batch 12, 2,000
+iterations, learning rate 1e-3 decaying to 1e-4), timed; ``bits_per_byte`` scores either the same
+way OpenLLM is scored.
 """
 
 from __future__ import annotations

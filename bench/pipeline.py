@@ -6,7 +6,8 @@ same run, trains the character-level baseline (bench/char_baseline.py: 4 layers,
 wide, context 64) on the same training split twice: for the same wall-clock time that the
 `train` stage took, and by nanoGPT's documented CPU recipe (2,000 iterations of batch 12,
 learning rate 1e-3 decaying to 1e-4), timed; and OpenLLM's default settings once more, for the
-recipe's time. All are scored on the whole validation split in bits per byte. Also times int8 against fp32 decoding on the final export.
+recipe's time. All are scored on the whole validation split in bits per byte. Also times int8
+against fp32 decoding on the final export.
 
     python bench/pipeline.py --out bench/results/pipeline.json [--keep DIR | --here]
 """
